@@ -1,0 +1,119 @@
+"""Timing done right: warm-up, device synchronisation, repeats, median and spread (IQR)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _quartiles(samples: list[float]) -> tuple[float, float, float]:
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _format_seconds(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+@dataclass
+class Timing:
+    """Repeated measurements of one thing, in seconds."""
+
+    name: str
+    samples: list[float]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return _quartiles(self.samples)[1]
+
+    @property
+    def q1(self) -> float:
+        return _quartiles(self.samples)[0]
+
+    @property
+    def q3(self) -> float:
+        return _quartiles(self.samples)[2]
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def __str__(self) -> str:
+        return (
+            f"{self.name}: {_format_seconds(self.median)} median "
+            f"(IQR {_format_seconds(self.q1)}–{_format_seconds(self.q3)}, n={len(self.samples)})"
+        )
+
+    def row(self, **extra) -> dict:
+        """One tidy DataFrame row: name, median/q1/q3 in seconds, repeats, meta and extras."""
+        return {
+            "name": self.name,
+            "median_s": self.median,
+            "q1_s": self.q1,
+            "q3_s": self.q3,
+            "repeats": len(self.samples),
+            **self.meta,
+            **extra,
+        }
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device is not None and device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    name: str = "",
+    warmup: int = 2,
+    repeats: int = 10,
+    device: torch.device | str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    **meta,
+) -> Timing:
+    """Run `fn` `warmup` times untimed, then time `repeats` runs.
+
+    On CUDA each run is timed with CUDA events (device time, not launch time); elsewhere with
+    `clock`, synchronising the device around each run.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    device = torch.device(device) if device is not None else None
+    for _ in range(warmup):
+        fn()
+    if device is not None and device.type == "cuda":
+        return Timing(name, _cuda_event_samples(fn, repeats, device), meta)
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = clock()
+        fn()
+        synchronize(device)
+        samples.append(clock() - start)
+    return Timing(name, samples, meta)
+
+
+def _cuda_event_samples(fn, repeats: int, device: torch.device) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    torch.cuda.synchronize(device)
+    for start, end in zip(starts, ends, strict=True):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)]

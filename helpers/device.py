@@ -1,0 +1,186 @@
+"""Pick the device, describe the machine, and size experiments by device kind."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+DEVICE_ENV = "COURSE_DEVICE"
+PRESET_ENV = "COURSE_PRESET"
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _mps_known_good() -> bool:
+    # MPS had silent correctness bugs in matmul/sdpa before torch 2.3; trust it only after that.
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return torch.backends.mps.is_available() and (major, minor) >= (2, 3)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """cuda → mps (where known correct) → cpu; `name` or $COURSE_DEVICE overrides."""
+    name = (name or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    kind = name.split(":")[0]
+    if kind not in DEVICE_CHOICES:
+        raise ValueError(
+            f"Unknown device {name!r}. Use one of {', '.join(DEVICE_CHOICES)} "
+            f"(optionally 'cuda:N'), e.g. `export {DEVICE_ENV}=cpu`."
+        )
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_known_good():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "CUDA was requested but torch sees no CUDA GPU. On Colab choose Runtime → Change "
+            f"runtime type → T4 GPU; elsewhere unset {DEVICE_ENV} or set it to 'cpu'."
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"MPS was requested but is not available; set {DEVICE_ENV}=cpu.")
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """Turn 'bf16'/'fp16'/'fp32' into a torch dtype, refusing ones the device cannot run."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype.lower() in DTYPES:
+        resolved = DTYPES[dtype.lower()]
+    else:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of fp32, fp16, bf16.")
+    if resolved not in supported_dtypes(device):
+        raise ValueError(
+            f"{resolved} is not supported on {device}: use one of "
+            f"{[str(d) for d in supported_dtypes(device)]} (e.g. fp16 instead of bf16 on a T4)."
+        )
+    return resolved
+
+
+def supported_dtypes(device: torch.device) -> list[torch.dtype]:
+    if device.type == "cuda":
+        out = [torch.float32, torch.float16]
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            out.append(torch.bfloat16)
+        return out
+    if device.type == "mps":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32, torch.bfloat16, torch.float16]
+
+
+def serving_dtype(device: torch.device) -> torch.dtype:
+    """The precision the course serves models in: fp32 on CPU, bf16 on GPUs with bf16, else fp16."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.bfloat16 in supported_dtypes(device) else torch.float16
+
+
+def dtype_note(dtype: torch.dtype, device: torch.device) -> str:
+    """Why a dtype may be slow here, in words (empty when it runs natively)."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        cap = torch.backends.cpu.get_cpu_capability()
+        if dtype == torch.bfloat16 and "AMX" not in cap and not _cpu_has("avx512_bf16"):
+            return "no bf16 units on this CPU (no AVX512-BF16/AMX): converted in software"
+        if dtype == torch.float16 and not _cpu_has("avx512_fp16") and "AMX" not in cap:
+            return "no fp16 arithmetic on this CPU: converted in software"
+    return ""
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: torch.device | None = None) -> dict[str, str]:
+    """The facts a result depends on: hardware, memory and library versions."""
+    device = device or pick_device()
+    info = {
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cpu cores (logical)": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "cpu vector ISA (torch)": torch.backends.cpu.get_cpu_capability(),
+        "RAM (GiB)": f"{psutil.virtual_memory().total / 2**30:.1f}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            {
+                "gpu": props.name,
+                "gpu count": str(torch.cuda.device_count()),
+                "gpu memory (GiB)": f"{props.total_memory / 2**30:.1f}",
+                "compute capability": f"{props.major}.{props.minor}",
+                "CUDA (torch build)": str(torch.version.cuda),
+            }
+        )
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def device_kind(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "multi-gpu" if torch.cuda.device_count() > 1 else "gpu"
+    return "cpu"  # MPS laptops get the CPU-sized preset
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of every sweep in the course, chosen by device kind."""
+
+    kind: str
+    matmul_sizes: tuple[int, ...]  # square matmul sizes for the FLOP/s ceiling
+    bandwidth_mib: int  # buffer for the memory-bandwidth ceiling
+    repeats: int
+    decode_tokens: int
+    batch_sizes: tuple[int, ...]
+
+
+PRESETS = {
+    "cpu": Preset("cpu", (256, 512, 1024, 2048), 256, 7, 32, (1, 2, 4, 8, 16, 32)),
+    "gpu": Preset("gpu", (512, 1024, 2048, 4096, 8192), 1024, 20, 64, (1, 4, 16, 64, 256)),
+    "multi-gpu": Preset(
+        "multi-gpu", (512, 1024, 2048, 4096, 8192), 1024, 20, 64, (1, 4, 16, 64, 256)
+    ),
+}
+
+
+def preset(device: torch.device | None = None, override: str | None = None) -> Preset:
+    """The preset for this device; `override` or $COURSE_PRESET picks another by name."""
+    name = override or os.environ.get(PRESET_ENV) or device_kind(device or pick_device())
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; use one of {sorted(PRESETS)}.")
+    return PRESETS[name]

@@ -1,0 +1,155 @@
+"""This machine's ceilings (matmul FLOP/s per dtype, memory bandwidth) and the roofline model.
+
+The roofline: a kernel doing `intensity` FLOPs per byte it moves can run no faster than
+min(peak FLOP/s, intensity × bandwidth). Below the ridge point (peak / bandwidth) memory limits
+it; above, arithmetic does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from helpers import BUILD_DIR
+from helpers.bench import measure
+from helpers.device import Preset, dtype_note, supported_dtypes
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> float:
+    """Roofline: the best FLOP/s a kernel of this arithmetic intensity (FLOP/byte) can reach."""
+    return min(peak_flops, intensity * bandwidth)
+
+
+def ridge_point(peak_flops: float, bandwidth: float) -> float:
+    """Arithmetic intensity (FLOP/byte) where memory-bound turns compute-bound."""
+    return peak_flops / bandwidth
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+    """FLOPs of an (m×k)·(k×n) product: one multiply and one add per term."""
+    return 2 * m * n * k
+
+
+def matmul_intensity(m: int, n: int, k: int, bytes_per_element: int) -> float:
+    """FLOPs per byte when each operand and the result cross memory exactly once."""
+    return matmul_flops(m, n, k) / (bytes_per_element * (m * k + k * n + m * n))
+
+
+@dataclass
+class Ceilings:
+    """Measured limits of one device (FLOP/s per dtype, bytes/s)."""
+
+    device: str
+    matmul_flops: dict[str, float]
+    read_bandwidth: float
+    copy_bandwidth: float
+    host_to_device: float | None = None
+    device_to_host: float | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def peak(self, dtype: str = "fp32") -> float:
+        return self.matmul_flops[dtype]
+
+    def save(self, path: Path | None = None) -> Path:
+        path = Path(path or BUILD_DIR / f"ceilings_{self.device.replace(':', '')}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Ceilings:
+        return cls(**json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, device: str) -> Ceilings:
+        best = df.groupby(["ceiling", "dtype"], dropna=False)["value"].max()
+        get = best.to_dict().get
+        return cls(
+            device=device,
+            matmul_flops={dt: v for (c, dt), v in best.items() if c == "matmul"},
+            read_bandwidth=get(("read", "bytes")),
+            copy_bandwidth=get(("copy", "bytes")),
+            host_to_device=get(("host→device pinned", "bytes")),
+            device_to_host=get(("device→host pinned", "bytes")),
+            notes={r.dtype: r.note for r in df.itertuples() if r.ceiling == "matmul" and r.note},
+        )
+
+
+def _row(timing, ceiling: str, dtype: str, size: int, work: float, unit: str, note="") -> dict:
+    return timing.row(
+        ceiling=ceiling,
+        dtype=dtype,
+        size=size,
+        value=work / timing.median,
+        low=work / timing.q3,
+        high=work / timing.q1,
+        unit=unit,
+        note=note,
+    )
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> dict:
+    a = torch.randn(n, n, device=device).to(dtype)
+    w = torch.randn(n, n, device=device).to(dtype)
+    # F.linear, not `a @ b`: some CPU builds take a pathologically slow path for fp16 `@`.
+    timing = measure(lambda: F.linear(a, w), name=f"matmul {n}", repeats=repeats, device=device)
+    name = DTYPE_NAMES[dtype]
+    return _row(
+        timing, "matmul", name, n, matmul_flops(n, n, n), "FLOP/s", dtype_note(dtype, device)
+    )
+
+
+def measure_read(device: torch.device, nbytes: int, repeats: int) -> dict:
+    x = torch.ones(nbytes // 4, device=device)  # ones, not empty: untouched pages read as free
+    timing = measure(lambda: x.sum(), name="read", repeats=repeats, device=device)
+    return _row(timing, "read", "bytes", nbytes, nbytes, "B/s")
+
+
+def measure_copy(device: torch.device, nbytes: int, repeats: int) -> dict:
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.zeros_like(src)
+    timing = measure(lambda: dst.copy_(src), name="copy", repeats=repeats, device=device)
+    return _row(timing, "copy", "bytes", nbytes, 2 * nbytes, "B/s")  # read + write
+
+
+def measure_host_device(device: torch.device, nbytes: int, repeats: int) -> list[dict]:
+    rows = []
+    on_device = torch.ones(nbytes // 4, device=device)
+    for pinned in (True, False):
+        host = torch.ones(nbytes // 4, pin_memory=pinned)
+        kind = "pinned" if pinned else "pageable"
+        h2d = measure(lambda h=host: on_device.copy_(h), repeats=repeats, device=device)
+        d2h = measure(lambda h=host: h.copy_(on_device), repeats=repeats, device=device)
+        rows.append(_row(h2d, f"host→device {kind}", "bytes", nbytes, nbytes, "B/s"))
+        rows.append(_row(d2h, f"device→host {kind}", "bytes", nbytes, nbytes, "B/s"))
+    return rows
+
+
+def measure_ceilings(device: torch.device, preset: Preset) -> pd.DataFrame:
+    """Every ceiling of this device as tidy rows (one per measurement)."""
+    nbytes = preset.bandwidth_mib * 2**20
+    jobs = [
+        (measure_matmul, (device, dtype, n, preset.repeats))
+        for dtype in supported_dtypes(device)
+        for n in preset.matmul_sizes
+        if not (dtype_note(dtype, device) and n > 1024)  # software-emulated dtypes: keep it short
+    ]
+    jobs += [(measure_read, (device, nbytes, preset.repeats))]
+    jobs += [(measure_copy, (device, nbytes, preset.repeats))]
+    rows = []
+    for fn, args in tqdm(jobs, desc="measuring ceilings"):
+        rows.append(fn(*args))
+    if device.type == "cuda":
+        rows += measure_host_device(device, nbytes, preset.repeats)
+    df = pd.DataFrame(rows)
+    df["device"] = str(device)
+    df["torch"] = torch.__version__
+    return df

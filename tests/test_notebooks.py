@@ -1,0 +1,49 @@
+"""Hygiene of the committed notebooks (their execution is checked by nbval in `make test`)."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def code_cells(path):
+    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    for cell in code_cells(path):
+        assert cell.outputs == [] and cell.execution_count is None, (
+            f"{path.name} has outputs: clear them (Jupyter: Edit → Clear Outputs of All Cells)"
+        )
+
+
+def test_every_notebook_opens_with_the_same_bootstrap_cell():
+    firsts = {p.name: code_cells(p)[0].source for p in NOTEBOOKS}
+    assert len(set(firsts.values())) == 1, f"bootstrap cells differ: {sorted(firsts)}"
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        url = tomllib.load(f)["project"]["urls"]["Repository"]
+    source = next(iter(firsts.values()))
+    assert f'COURSE_REPO = "{url}"' in source, "run `make sync-url` after changing the URL"
+    assert "setup_notebook()" in source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_has_a_checked_exercise(path):
+    sources = "\n".join(c.source for c in code_cells(path))
+    assert re.search(r"check\(", sources), f"{path.name} has no code-checked exercise"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_readme_links_each_notebook_to_colab(path):
+    readme = (ROOT / "README.md").read_text()
+    assert f"blob/main/notebooks/{path.name}" in readme
