@@ -137,16 +137,23 @@ def load_smollm2(
 
 
 def llama_from_config(
-    name: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, **shape
+    name: str | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    **shape,
 ) -> LlamaForCausalLM:
-    """A Llama with random weights: a published architecture by name, or any shape."""
+    """A Llama with random weights (built directly on `device`): a published architecture by
+    name, or any shape."""
     if name is not None:
         if name not in ARCHITECTURES:
             raise ValueError(f"Unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}.")
         shape = {**ARCHITECTURES[name], **shape}
     config = LlamaConfig(**shape)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
 
 
 if __name__ == "__main__":

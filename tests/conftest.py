@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -19,6 +21,12 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from helpers.models import load_smollm2
+    from helpers.models import ModelUnavailableError, load_smollm2
 
-    return load_smollm2(dtype=torch.float32, source="offline")
+    try:
+        return load_smollm2(dtype=torch.float32, source="offline")
+    except ModelUnavailableError as err:
+        # Only a machine that cannot hold the model (the lent GPU box) opts out; CI must not.
+        if os.environ.get("COURSE_ALLOW_NO_MODEL") == "1":
+            pytest.skip(f"SmolLM2 unavailable here: {err}")
+        raise
