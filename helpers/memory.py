@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -128,3 +130,167 @@ def format_bytes(n: float) -> str:
     while abs(n) >= 1024 and i < len(units) - 1:
         n, i = n / 1024, i + 1
     return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+# --- What serving needs: formulas -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of a decoder-only transformer that decide its memory."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        """From a transformers config, a dict of config fields, or a known architecture name."""
+        if isinstance(config, str):
+            from helpers.models import ARCHITECTURES
+
+            if config not in ARCHITECTURES:
+                raise ValueError(f"Unknown architecture {config!r}; known: {sorted(ARCHITECTURES)}")
+            config = ARCHITECTURES[config]
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        heads = get("num_attention_heads")
+        return cls(
+            layers=get("num_hidden_layers"),
+            hidden=get("hidden_size"),
+            intermediate=get("intermediate_size"),
+            heads=heads,
+            kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or get("hidden_size") // heads,
+            vocab=get("vocab_size"),
+            tied_embeddings=bool(get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def params(self) -> int:
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate
+        per_layer = attn + mlp + 2 * self.hidden  # + two norm weights
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.layers * per_layer + embeddings + self.hidden  # + final norm
+
+
+def kv_cache_bytes(shape: Shape, batch: int, context: int, bytes_per_value: float) -> int:
+    """Keys and values of all layers: 2 · layers · batch · context · kv_heads · head_dim · bytes."""
+    return int(
+        2 * shape.layers * batch * context * shape.kv_heads * shape.head_dim * bytes_per_value
+    )
+
+
+def logits_bytes(shape: Shape, batch: int, positions: int, bytes_per_value: float = 4) -> int:
+    """Scores over the vocabulary for `positions` tokens of each sequence."""
+    return int(batch * positions * shape.vocab * bytes_per_value)
+
+
+def activation_bytes(
+    shape: Shape, batch: int, tokens: int, bytes_per_value: float, tp: int = 1
+) -> int:
+    """Estimated peak of the temporaries inside one layer while `tokens` per sequence flow through.
+
+    The widest point is the MLP: the residual stream and its normed copy (2 · hidden) live
+    beside the gate, up and their product (3 · intermediate). Layers run one after another, so
+    this does not grow with depth. Tensor parallelism splits the MLP's width over `tp` devices.
+    An estimate, checked against measurement in notebook 02.
+    """
+    width = 2 * shape.hidden + 3 * shape.intermediate // tp
+    return int(batch * tokens * width * bytes_per_value)
+
+
+def serving_memory(
+    shape: Shape,
+    batch: int,
+    context: int,
+    weight_bytes_per_param: float,
+    value_bytes: float,
+    tp: int = 1,
+    prefill_tokens: int | None = None,
+    all_logits: bool = False,
+) -> dict[str, int]:
+    """Bytes per device to serve `batch` sequences of `context` tokens, by component.
+
+    `value_bytes` is the size of one cached key/value, activation or logit (2 in bf16/fp16):
+    quantizing the weights does not change it.
+    Tensor parallelism over `tp` devices splits weights, KV heads and the activations of the
+    split layers; each device keeps full-size logits here (the course's loop gathers them).
+    `prefill_tokens` (default: the whole context) is how many prompt tokens go through at once;
+    `all_logits` keeps scores for every prompt position instead of only the last one.
+    """
+    if shape.kv_heads % tp or shape.heads % tp:
+        raise ValueError(
+            f"TP degree {tp} must divide the {shape.heads} attention heads and "
+            f"{shape.kv_heads} KV heads; choose a divisor of {shape.kv_heads}."
+        )
+    tokens = prefill_tokens or context
+    return {
+        "weights": int(shape.params * weight_bytes_per_param / tp),
+        "kv_cache": kv_cache_bytes(shape, batch, context, value_bytes) // tp,
+        "activations": activation_bytes(shape, batch, tokens, value_bytes, tp),
+        "logits": logits_bytes(shape, batch, tokens if all_logits else 1, value_bytes),
+    }
+
+
+# --- What fits: an out-of-memory-safe search ------------------------------------------------
+
+
+class BudgetExceeded(MemoryError):
+    """A trial used more memory than the budget the caller set (the CPU's stand-in for OOM)."""
+
+
+def _free_cached_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fits(trial: Callable[[int], object], n: int) -> bool:
+    """Run `trial(n)`; False if it ran out of memory (GPU OOM, MemoryError, BudgetExceeded)."""
+    try:
+        trial(n)
+        return True
+    except (torch.OutOfMemoryError, MemoryError):
+        return False  # the exception (and the frames holding its tensors) is dropped here
+    finally:
+        _free_cached_memory()
+
+
+@dataclass
+class SearchResult:
+    largest: int  # 0 when even the smallest size does not fit
+    tried: list[tuple[int, bool]]  # every size tried, in order, and whether it fit
+
+
+def largest_fitting(trial: Callable[[int], object], start: int = 1, limit: int = 2**16):
+    """The largest n in [start, limit] for which `trial(n)` fits, assuming bigger never fits
+    better: doubling until the first failure, then bisection between the last fit and it."""
+    tried: list[tuple[int, bool]] = []
+
+    def attempt(n: int) -> bool:
+        ok = fits(trial, n)
+        tried.append((n, ok))
+        return ok
+
+    if not attempt(start):
+        return SearchResult(0, tried)
+    good, bad = start, None
+    while bad is None and good < limit:
+        n = min(good * 2, limit)
+        if attempt(n):
+            good = n
+        else:
+            bad = n
+    while bad is not None and bad - good > 1:
+        mid = (good + bad) // 2
+        if attempt(mid):
+            good = mid
+        else:
+            bad = mid
+    return SearchResult(good, tried)

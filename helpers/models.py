@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SOURCE_ENV = "COURSE_MODEL_SOURCE"  # auto | hub | offline
+SOURCE_ENV = "COURSE_MODEL_SOURCE"  # auto | hub | offline | random
 CACHE_DIR = Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "llm-serving-course"))
 OFFLINE_DIR = CACHE_DIR / "smollm2-135m-instruct-from-q4_1"
 
@@ -120,12 +120,18 @@ def load_smollm2(
 ) -> LoadedModel:
     """SmolLM2-135M-Instruct: from the hub when reachable, else from the offline cache.
 
-    `source` (or $COURSE_MODEL_SOURCE) forces 'hub' or 'offline'. Weights load with safetensors
-    only; no code from the model files is ever run.
+    `source` (or $COURSE_MODEL_SOURCE) forces 'hub' or 'offline', or 'random': random weights of
+    the same shape with the offline tokenizer, for timing-only runs on machines that have no
+    weights. Weights load with safetensors only; no code from the model files is ever run.
     """
     source = (source or os.environ.get(SOURCE_ENV) or "auto").lower()
-    if source not in ("auto", "hub", "offline"):
-        raise ValueError(f"Unknown model source {source!r}; use auto, hub or offline.")
+    if source not in ("auto", "hub", "offline", "random"):
+        raise ValueError(f"Unknown model source {source!r}; use auto, hub, offline or random.")
+    if source == "random":
+        model = llama_from_config("smollm2-135m", dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(OFFLINE_DIR)
+        where = "random weights with SmolLM2-135M's shape (timing only: its text is noise)"
+        return LoadedModel(model, tokenizer, where)
     if source == "hub" or (source == "auto" and hub_reachable()):
         path, where = HUB_ID, f"hub: {HUB_ID} (original bf16 weights)"
     else:

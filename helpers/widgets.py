@@ -1,0 +1,55 @@
+"""Interactive widgets for the notebooks (ipywidgets). The math lives in the other modules."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from ipywidgets import Dropdown, IntSlider, interact
+
+from helpers import DATA_DIR
+from helpers.memory import Shape, serving_memory
+from helpers.models import ARCHITECTURES
+
+BYTES_PER_PARAM = {"fp32": 4, "bf16/fp16": 2, "int8 weights": 1, "int4 weights": 0.5}
+
+
+def device_capacities() -> dict[str, float]:
+    """GPU memory in GB from the published datasheets shipped in data/."""
+    gpus = pd.read_csv(DATA_DIR / "published_hardware.csv")
+    return dict(zip(gpus.gpu, gpus.memory_gb, strict=True))
+
+
+def plot_memory_budget(model: str, precision: str, batch: int, context: int, tp: int) -> dict:
+    """Stacked bar of what one device holds, against the capacity of common GPUs."""
+    shape = Shape.of(model)
+    value_bytes = 4 if precision == "fp32" else 2  # quantized weights still compute in 16 bit
+    try:
+        parts = serving_memory(shape, batch, context, BYTES_PER_PARAM[precision], value_bytes, tp)
+    except ValueError as err:
+        print(err)
+        return {}
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    left = 0.0
+    for name, value in parts.items():
+        ax.barh([0], [value / 1e9], left=left, label=f"{name}: {value / 1e9:,.2f} GB")
+        left += value / 1e9
+    for gpu, gb in device_capacities().items():
+        ax.axvline(gb, color="grey", lw=0.8, ls="--")
+        ax.text(gb, 0.45, gpu, rotation=90, fontsize=7, va="bottom", ha="right")
+    ax.set(yticks=[], xlabel="GB per device", xlim=(0, max(left, 150) * 1.05))
+    ax.set_title(f"{model}, {precision}, batch {batch} × {context} tokens, TP {tp}: {left:,.1f} GB")
+    ax.legend(fontsize=8, loc="upper right")
+    plt.show()
+    return parts
+
+
+def memory_calculator():
+    """Model × precision × batch × context × TP → per-device memory against GPU capacities."""
+    return interact(
+        plot_memory_budget,
+        model=Dropdown(options=list(ARCHITECTURES), value="llama-2-7b"),
+        precision=Dropdown(options=list(BYTES_PER_PARAM), value="bf16/fp16"),
+        batch=IntSlider(value=8, min=1, max=256, step=1),
+        context=IntSlider(value=4096, min=256, max=32768, step=256),
+        tp=Dropdown(options=[1, 2, 4, 8], value=1),
+    )
