@@ -21,9 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers.memory import peak_rss_bytes
+
 
 class WorkerError(RuntimeError):
     pass
+
+
+# Peak resident memory of each rank of the most recent `launch` (bytes), for memory reports.
+last_peak_rss_bytes: list[int] = []
 
 
 def check_tp_degree(tp: int, *, heads: int, kv_heads: int, intermediate: int) -> None:
@@ -75,7 +81,8 @@ def _worker(rank, world_size, port, backend, fn, args, results) -> None:
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=60))  # fmt: skip
         # plain pickle copies tensors into bytes (no shared memory outliving this process)
-        results.put(("ok", rank, pickle.dumps(fn(rank, world_size, *args))))
+        result = fn(rank, world_size, *args)
+        results.put(("ok", rank, pickle.dumps((result, peak_rss_bytes()))))
     except BaseException:
         results.put(("error", rank, traceback.format_exc()))
     finally:
@@ -107,7 +114,8 @@ def launch(fn: Callable, world_size: int, *args, backend: str | None = None, tim
             if status == "error":
                 raise WorkerError(f"rank {rank} of {world_size} failed:\n{value}")
             out[rank] = pickle.loads(value)
-        return [out[r] for r in range(world_size)]
+        last_peak_rss_bytes[:] = [out[r][1] for r in range(world_size)]
+        return [out[r][0] for r in range(world_size)]
     finally:
         for p in procs:
             p.join(timeout=10)

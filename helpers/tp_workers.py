@@ -88,7 +88,13 @@ def transformers_tp_llama(rank: int, world: int, model_dir: str, ids, new_tokens
     """The same model through transformers' own tensor-parallel loading (tp_plan='auto')."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, tp_plan="auto")
+    try:  # newer transformers take the plan through a DistributedConfig
+        from transformers import DistributedConfig
+
+        tp_args = {"distributed_config": DistributedConfig(tp_size=world, tp_plan="auto")}
+    except (ImportError, TypeError):
+        tp_args = {"tp_plan": "auto"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **tp_args)
     dev = next(model.parameters()).device
     ids = ids.to(dev)
     return model(ids).logits.cpu(), _greedy(model.eval(), ids, new_tokens), _local_rows(model)
@@ -125,12 +131,11 @@ def allreduce_times(rank: int, world: int, sizes_bytes, repeats: int = 20) -> li
 def mlp_times(rank: int, world: int, hidden: int, intermediate: int, batches, repeats: int = 10):
     """Time of one Megatron MLP forward at each batch, and of its all-reduce alone."""
     dev = _device()
-    torch.manual_seed(0)
-    gate = torch.randn(intermediate, hidden) / hidden**0.5
-    up = torch.randn(intermediate, hidden) / hidden**0.5
-    down = torch.randn(hidden, intermediate) / intermediate**0.5
-    g, u = column_shard(gate, rank, world).to(dev), column_shard(up, rank, world).to(dev)
-    d = row_shard(down, rank, world).to(dev)
+    torch.manual_seed(rank)  # timing only: each rank makes just its own shard, at its shape
+    shard = intermediate // world
+    g = torch.randn(shard, hidden, device=dev) / hidden**0.5
+    u = torch.randn(shard, hidden, device=dev) / hidden**0.5
+    d = torch.randn(hidden, shard, device=dev) / intermediate**0.5
     rows = []
     for batch in batches:
         x = torch.randn(batch, hidden, device=dev)
