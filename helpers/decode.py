@@ -89,8 +89,12 @@ def _check_llama(model) -> None:
         )
 
 
-def forward(model, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-    """Logits for `input_ids` placed at positions start, start+1, …; fills the cache there."""
+def forward(
+    model, input_ids: torch.Tensor, cache: KVCache, start: int, all_logits: bool = True
+) -> torch.Tensor:
+    """Logits for `input_ids` placed at positions start, start+1, …; fills the cache there.
+
+    `all_logits=False` scores only the last position (what serving engines do at prefill)."""
     body, (batch, length) = model.model, input_ids.shape
     end = start + length
     head_dim = cache.keys[0].shape[-1]
@@ -117,7 +121,7 @@ def forward(model, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch
         hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
         x = layer.post_attention_layernorm(hidden)
         hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-    return model.lm_head(body.norm(hidden))
+    return model.lm_head(body.norm(hidden if all_logits else hidden[:, -1:]))
 
 
 @torch.inference_mode()
@@ -128,12 +132,14 @@ def greedy_decode(
     *,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    all_logits: bool = True,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Generation:
     """Generate `new_tokens` greedily (fewer if every sequence hits `eos_token_id`).
 
     Prompts in a batch must have equal length (no padding). Matches `model.generate(...,
-    do_sample=False)` token for token.
+    do_sample=False)` token for token. `all_logits=False` scores only the last prompt position
+    at prefill, saving batch · prompt · vocab logits (the same tokens up to float rounding).
     """
     if new_tokens < 1:
         raise ValueError("new_tokens must be at least 1")
@@ -147,7 +153,7 @@ def greedy_decode(
 
     synchronize(device)
     start = clock()
-    token = forward(model, input_ids, cache, 0)[:, -1].argmax(-1, keepdim=True)
+    token = forward(model, input_ids, cache, 0, all_logits)[:, -1].argmax(-1, keepdim=True)
     synchronize(device)
     ttft = clock() - start
 

@@ -158,3 +158,30 @@ def predict(
         memory_per_gpu_bytes=memory, fits=fits, bound=max(limits, key=limits.get),
         reason=reason, decode_parts_s=decode,
     )  # fmt: skip
+
+
+def candidates(
+    model, gpu, gpus: int, prompt_tokens: int = 512, new_tokens: int = 128,
+    dtypes=("fp16", "int8", "int4"), batches=tuple(2**k for k in range(11)),
+) -> pd.DataFrame:  # fmt: skip
+    """Every (precision, TP, batch) on `gpus` GPUs, as predicted; replicas = gpus // tp."""
+    shape, _ = _resolve(model, gpu)
+    rows = []
+    for dtype in dtypes:
+        for tp in (t for t in (1, 2, 4, 8) if t <= gpus and shape.kv_heads % t == 0):
+            for batch in batches:
+                p = predict(model, gpu, dtype, tp, batch, prompt_tokens, new_tokens)
+                rows.append({
+                    "dtype": dtype, "tp": tp, "batch": batch, "replicas": gpus // tp,
+                    "tpot_ms": p.tpot_s * 1e3, "latency_s": p.latency_s, "fits": p.fits,
+                    "tokens_per_s": p.tokens_per_s * (gpus // tp), "bound": p.bound,
+                })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def best_config(model, gpu, gpus: int, tpot_budget_ms: float, **kwargs) -> pd.Series | None:
+    """The configuration with the most tokens/s across `gpus` GPUs whose time per output token
+    stays within the budget (None if nothing fits the budget)."""
+    table = candidates(model, gpu, gpus, **kwargs)
+    ok = table[table.fits & (table.tpot_ms <= tpot_budget_ms)]
+    return None if ok.empty else ok.loc[ok.tokens_per_s.idxmax()]

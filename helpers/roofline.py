@@ -59,7 +59,7 @@ class Ceilings:
         return self.matmul_flops[dtype]
 
     def save(self, path: Path | None = None) -> Path:
-        path = Path(path or BUILD_DIR / f"ceilings_{self.device.replace(':', '')}.json")
+        path = Path(path or _saved_path(self.device))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2))
         return path
@@ -81,6 +81,20 @@ class Ceilings:
             device_to_host=get(("device→host pinned", "bytes")),
             notes={r.dtype: r.note for r in df.itertuples() if r.ceiling == "matmul" and r.note},
         )
+
+
+def _saved_path(device) -> Path:
+    return BUILD_DIR / f"ceilings_{str(device).replace(':', '')}.json"
+
+
+def load_or_measure(device: torch.device, preset: Preset) -> Ceilings:
+    """The ceilings notebook 00 saved for this device, or measure them now (and save them)."""
+    path = _saved_path(device)
+    if path.exists():
+        return Ceilings.load(path)
+    ceilings = Ceilings.from_frame(measure_ceilings(device, preset), str(device))
+    ceilings.save(path)
+    return ceilings
 
 
 def _row(timing, ceiling: str, dtype: str, size: int, work: float, unit: str, note="") -> dict:

@@ -38,6 +38,22 @@ def test_tokens_equal_generate_on_smollm2(smollm2, prompts):
     assert torch.equal(ours.tokens, hf_greedy(model, ids, 40, eos=tok.eos_token_id))
 
 
+def test_last_position_logits_only(tiny_llama):
+    ids = torch.randint(0, 97, (2, 6))
+    full = decode.forward(
+        tiny_llama, ids, decode.KVCache(tiny_llama.config, 2, 6, torch.float32, "cpu"), 0
+    )
+    last = decode.forward(
+        tiny_llama,
+        ids,
+        decode.KVCache(tiny_llama.config, 2, 6, torch.float32, "cpu"),
+        0,
+        all_logits=False,
+    )
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
+
+
 def test_kv_cache_size_is_the_formula(tiny_llama):
     # 2 (K and V) · layers · batch · length · kv_heads · head_dim · bytes
     cache = decode.KVCache(

@@ -57,3 +57,14 @@ def test_bad_input():
         planner.predict(dtype="fp8")
     p = planner.predict(model="llama-3-70b", gpu="t4", dtype="fp16")
     assert not p.fits and "raise tp" in p.reason
+
+
+def test_best_config_respects_the_budget_and_maximises_throughput():
+    table = planner.candidates("llama-2-7b", "h100-sxm", gpus=8)
+    best = planner.best_config("llama-2-7b", "h100-sxm", gpus=8, tpot_budget_ms=20)
+    ok = table[table.fits & (table.tpot_ms <= 20)]
+    assert best.tpot_ms <= 20 and best.fits
+    assert best.tokens_per_s == ok.tokens_per_s.max()
+    tight = planner.best_config("llama-2-7b", "h100-sxm", gpus=8, tpot_budget_ms=3)
+    assert tight.batch < best.batch  # a tighter latency budget forces a smaller batch
+    assert planner.best_config("llama-2-7b", "h100-sxm", gpus=8, tpot_budget_ms=0.01) is None
