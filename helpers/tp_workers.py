@@ -112,7 +112,7 @@ def _median_time(fn, device, repeats: int, warmup: int = 3) -> float:
         _sync(device)
         times.append(time.perf_counter() - start)
     # every rank waits for the slowest, so report the slowest rank's median
-    t = torch.tensor([statistics.median(times)])
+    t = torch.tensor([statistics.median(times)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
