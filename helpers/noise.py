@@ -9,11 +9,19 @@ def quiet() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "torchao", "torch._dynamo", "huggingface_hub"):
+    for name in (
+        "transformers",
+        "torchao",
+        "torch._dynamo",
+        "torch.utils._pytree",
+        "huggingface_hub",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    # notebook 01 runs the deprecated torch.ao quantization on purpose, and says so
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
     try:
         from transformers.utils import logging as hf_logging
 

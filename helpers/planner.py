@@ -15,6 +15,7 @@ The only constants not taken from a datasheet are the efficiencies below, each d
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pandas as pd
@@ -53,16 +54,19 @@ class GPUSpec:
     fp32_flops: float | None = None  # None: fp32 runs at a quarter of the 16-bit peak (no TF32)
 
 
+@functools.cache
 def published_gpus() -> dict[str, GPUSpec]:
-    table = pd.read_csv(DATA_DIR / "published_hardware.csv")
+    """Datasheet GPUs (data/published_hardware.csv) with the efficiencies above applied."""
     out = {}
-    for r in table.itertuples():
-        tflops = r.achievable_bf16_tflops if r.achievable_bf16_tflops == r.achievable_bf16_tflops \
-            else (r.dense_bf16_tflops if r.dense_bf16_tflops == r.dense_bf16_tflops
-                  else r.dense_fp16_tflops) * COMPUTE_EFFICIENCY  # fmt: skip
-        link = r.interconnect_gbs * 1e9 if r.interconnect_gbs == r.interconnect_gbs else None
-        out[r.gpu] = GPUSpec(r.gpu, tflops * 1e12, r.memory_bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY,
-                             r.memory_gb * 1e9, link)  # fmt: skip
+    for r in pd.read_csv(DATA_DIR / "published_hardware.csv").itertuples():
+        if pd.notna(r.achievable_bf16_tflops):  # a published achievable figure: use it as is
+            flops = r.achievable_bf16_tflops * 1e12
+        else:
+            peak = r.dense_bf16_tflops if pd.notna(r.dense_bf16_tflops) else r.dense_fp16_tflops
+            flops = peak * 1e12 * COMPUTE_EFFICIENCY
+        link = r.interconnect_gbs * 1e9 if pd.notna(r.interconnect_gbs) else None
+        bandwidth = r.memory_bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY
+        out[r.gpu] = GPUSpec(r.gpu, flops, bandwidth, r.memory_gb * 1e9, link)
     return out
 
 
