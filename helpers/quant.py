@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from helpers.memory import release_freed_memory
+
 # --- Quantizers, written out -----------------------------------------------------------------
 
 
@@ -186,10 +188,12 @@ def _apply_bnb(**kwargs):
 
 
 def _apply_torch_ao_dynamic(load):
-    model = torch.ao.quantization.quantize_dynamic(
-        load(torch.float32), {torch.nn.Linear}, dtype=torch.qint8, inplace=True
+    # fp32 copies made from the 16-bit checkpoint: unlike a memory-mapped fp32 load, their
+    # memory is really released once quantization replaces them.
+    model = load(torch.bfloat16).float()
+    return torch.ao.quantization.quantize_dynamic(
+        model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
     )
-    return model
 
 
 def _ok(dev):
@@ -235,7 +239,9 @@ def load_backend(name: str, load: Callable, device: torch.device):
     reason = BACKENDS[name].why_unsupported(device)
     if reason:
         return None, f"unsupported here: {reason}"
-    return BACKENDS[name].apply(load).eval(), ""
+    model = BACKENDS[name].apply(load).eval()
+    release_freed_memory()  # the full-precision weights quantization replaced
+    return model, ""
 
 
 # --- Size -----------------------------------------------------------------------------------
