@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 import torch
 
 
-def _quartiles(samples: list[float]) -> tuple[float, float, float]:
+def quartiles(samples: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile); NaN for no samples, the value for one."""
+    if not samples:
+        return (float("nan"),) * 3
     if len(samples) == 1:
         return samples[0], samples[0], samples[0]
     q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
@@ -34,15 +37,15 @@ class Timing:
 
     @property
     def median(self) -> float:
-        return _quartiles(self.samples)[1]
+        return quartiles(self.samples)[1]
 
     @property
     def q1(self) -> float:
-        return _quartiles(self.samples)[0]
+        return quartiles(self.samples)[0]
 
     @property
     def q3(self) -> float:
-        return _quartiles(self.samples)[2]
+        return quartiles(self.samples)[2]
 
     @property
     def iqr(self) -> float:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from helpers.bench import measure, synchronize
+from helpers.bench import measure, quartiles, synchronize
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Generation:
 
     @property
     def tpot_s(self) -> float:
-        return statistics.median(self.step_s) if self.step_s else float("nan")
+        return quartiles(self.step_s)[1]
 
     @property
     def latency_s(self) -> float:
@@ -50,18 +50,12 @@ class Generation:
             "new_tokens": self.tokens.shape[1],
             "ttft_s": self.ttft_s,
             "tpot_s": self.tpot_s,
-            "tpot_q1_s": _quantile(self.step_s, 0),
-            "tpot_q3_s": _quantile(self.step_s, 2),
+            "tpot_q1_s": quartiles(self.step_s)[0],
+            "tpot_q3_s": quartiles(self.step_s)[2],
             "latency_s": self.latency_s,
             "tokens_per_s": self.tokens_per_s,
             **extra,
         }
-
-
-def _quantile(samples: list[float], which: int) -> float:
-    if len(samples) < 2:
-        return samples[0] if samples else float("nan")
-    return statistics.quantiles(samples, n=4, method="inclusive")[which]
 
 
 class KVCache:
