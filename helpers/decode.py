@@ -1,20 +1,26 @@
-"""Greedy decoding with a pre-allocated (static) KV cache, timed per phase.
+"""Greedy decoding with a pre-allocated (static) KV cache, timed per phase, eager or compiled.
 
-Prefill processes the whole prompt once and yields the first token (time to first token, TTFT);
-each decode step then feeds one token per sequence and reads every weight once (time per output
-token, TPOT). The KV cache is two tensors per layer, allocated up front for prompt + new tokens,
-so no step allocates, and its size is exactly 2 · layers · batch · length · kv_heads · head_dim ·
-bytes.
+The loop has gpt-fast's shape: `prefill` runs the whole prompt once and yields the first token
+(time to first token, TTFT); `decode_one_token` then feeds one token per sequence and reads every
+weight once (time per output token, TPOT). The KV cache is two tensors per layer, allocated up
+front for prompt + new tokens, so no step allocates, and its size is exactly
+2 · layers · batch · length · kv_heads · head_dim · bytes.
+
+Because a decode step has fixed shapes (the position is a tensor, the cache is written with
+`index_copy_` and attention masks the positions not yet written), the step can be *captured*:
+`greedy_decode(..., compiled=True)` replays it as a CUDA graph on a GPU (one launch instead of
+hundreds) and runs it through `torch.compile` elsewhere. Same tokens either way.
 
 The forward pass below calls the Hugging Face Llama model's own modules (embeddings, norms,
-projections, rotary embedding) but drives them directly, gpt-fast style, without the framework's
-generic machinery; it produces exactly the logits of the model's own forward.
+projections, rotary embedding) but drives them directly, without the framework's generic
+machinery; it produces exactly the logits of the model's own forward.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from helpers import checks
 from helpers.bench import measure, quartiles, synchronize
 
 
@@ -30,10 +37,13 @@ class Generation:
     tokens: torch.Tensor  # (batch, generated) new tokens only
     ttft_s: float  # prefill + first token
     step_s: list[float]  # one entry per later token
+    mode: str = "eager"  # "eager", "compiled", "cuda graph", or why compiling fell back to eager
+    setup_s: float = 0.0  # compiling or capturing the step (0 when reused or eager)
 
     @property
     def tpot_s(self) -> float:
-        return quartiles(self.step_s)[1]
+        """Median time per output token after the first; 0 when only one token was made."""
+        return quartiles(self.step_s)[1] if self.step_s else 0.0
 
     @property
     def latency_s(self) -> float:
@@ -41,19 +51,23 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float:
-        """Generated tokens of the whole batch per second of decode steps."""
-        return self.tokens.shape[0] / self.tpot_s
+        """Decode throughput: the batch's tokens per second of a decode step (batch ÷ TPOT);
+        with a single token, tokens ÷ latency."""
+        batch = self.tokens.shape[0]
+        return batch / self.tpot_s if self.step_s else batch / self.latency_s
 
     def row(self, **extra) -> dict:
+        q1, _, q3 = quartiles(self.step_s) if self.step_s else (0.0, 0.0, 0.0)
         return {
             "batch": self.tokens.shape[0],
             "new_tokens": self.tokens.shape[1],
             "ttft_s": self.ttft_s,
             "tpot_s": self.tpot_s,
-            "tpot_q1_s": quartiles(self.step_s)[0],
-            "tpot_q3_s": quartiles(self.step_s)[2],
+            "tpot_q1_s": q1,
+            "tpot_q3_s": q3,
             "latency_s": self.latency_s,
             "tokens_per_s": self.tokens_per_s,
+            "mode": self.mode,
             **extra,
         }
 
@@ -62,13 +76,14 @@ class KVCache:
     """Keys and values of every layer: (batch, kv_heads, max_len, head_dim) each, pre-allocated."""
 
     def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device) -> None:
-        head_dim = (
+        self.head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
-        shape = (batch, config.num_key_value_heads, max_len, head_dim)
+        shape = (batch, config.num_key_value_heads, max_len, self.head_dim)
         layers = config.num_hidden_layers
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.positions = torch.arange(max_len, device=device)  # for the decode step's mask
 
     @property
     def nbytes(self) -> int:
@@ -83,39 +98,161 @@ def _check_llama(model) -> None:
         )
 
 
+def _layers(model, hidden, cos, sin, head_dim, attend) -> torch.Tensor:
+    """Every decoder layer; `attend(i, q, k, v)` stores k, v in the cache and returns attention."""
+    batch, length, _ = hidden.shape
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        x = layer.input_layernorm(hidden)
+        # (batch, length, heads · head_dim) → (batch, heads, length, head_dim)
+        q = attn.q_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = attend(i, q, k, v, attn.scaling)
+        hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
+        x = layer.post_attention_layernorm(hidden)
+        hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    return hidden
+
+
 def forward(
     model, input_ids: torch.Tensor, cache: KVCache, start: int, all_logits: bool = True
 ) -> torch.Tensor:
     """Logits for `input_ids` placed at positions start, start+1, …; fills the cache there.
 
     `all_logits=False` scores only the last position (what serving engines do at prefill)."""
-    body, (batch, length) = model.model, input_ids.shape
-    end = start + length
-    head_dim = cache.keys[0].shape[-1]
+    body, end = model.model, start + input_ids.shape[1]
     hidden = body.embed_tokens(input_ids)
     positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
     cos, sin = body.rotary_emb(hidden, positions)
-    for i, layer in enumerate(body.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+
+    def attend(i, q, k, v, scale):
         cache.keys[i][:, :, start:end] = k
         cache.values[i][:, :, start:end] = v
-        o = F.scaled_dot_product_attention(
-            q,
-            cache.keys[i][:, :, :end],
-            cache.values[i][:, :, :end],
-            is_causal=length > 1,  # the prompt attends causally; one new token sees all keys
-            scale=attn.scaling,
-            enable_gqa=True,  # several query heads share each key/value head
-        )
-        hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-        x = layer.post_attention_layernorm(hidden)
-        hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return F.scaled_dot_product_attention(
+            q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
+            is_causal=end - start > 1,  # the prompt attends causally; one new token sees all keys
+            scale=scale, enable_gqa=True,  # several query heads share each key/value head
+        )  # fmt: skip
+
+    hidden = _layers(model, hidden, cos, sin, cache.head_dim, attend)
     return model.lm_head(body.norm(hidden if all_logits else hidden[:, -1:]))
+
+
+def prefill(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the prompt (positions 0…len-1) into the cache; return the first new token (batch, 1)."""
+    logits = forward(model, input_ids, cache, 0, all_logits=False)[:, -1]
+    checks.finite(
+        "the prompt's logits", logits, "a weight or the input holds NaN/inf; reload the model"
+    )
+    return logits.argmax(-1, keepdim=True)
+
+
+def decode_one_token(model, token: torch.Tensor, cache: KVCache, pos: torch.Tensor):
+    """The next token (batch, 1) after `token` (batch, 1) placed at position `pos` (a 1-element
+    tensor). Shapes never change from step to step, so this function can be captured."""
+    body = model.model
+    hidden = body.embed_tokens(token)
+    cos, sin = body.rotary_emb(hidden, pos.view(1, 1))
+    visible = (cache.positions <= pos).view(1, 1, 1, -1)  # the positions written so far
+
+    def attend(i, q, k, v, scale):
+        cache.keys[i].index_copy_(2, pos, k)
+        cache.values[i].index_copy_(2, pos, v)
+        return F.scaled_dot_product_attention(
+            q, cache.keys[i], cache.values[i], attn_mask=visible, scale=scale, enable_gqa=True
+        )
+
+    hidden = _layers(model, hidden, cos, sin, cache.head_dim, attend)
+    return model.lm_head(body.norm(hidden))[:, -1].argmax(-1, keepdim=True)
+
+
+class CompileFallbackWarning(UserWarning):
+    """Compiled decoding was asked for but cannot run here; the loop ran eager instead."""
+
+
+def _graph_step(model, cache: KVCache, batch: int, device: torch.device):
+    """Capture one decode step as a CUDA graph; replaying it is one launch instead of hundreds."""
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm up off the main stream: lazy set-up must not be captured
+        for _ in range(2):
+            decode_one_token(model, token, cache, pos)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_one_token(model, token, cache, pos)
+
+    def step(new_token, new_pos):
+        token.copy_(new_token)
+        pos.copy_(new_pos)
+        graph.replay()
+        return out.clone()  # the next replay overwrites `out`
+
+    return step
+
+
+_compiled_decode_one_token = None
+
+
+def _compiled_step(model, cache: KVCache):
+    global _compiled_decode_one_token
+    if _compiled_decode_one_token is None:  # one compiled function per process: it recompiles
+        _compiled_decode_one_token = torch.compile(decode_one_token, dynamic=False)  # per shape
+    return lambda token, pos: _compiled_decode_one_token(model, token, cache, pos)
+
+
+def make_step(model, cache: KVCache, batch: int, device: torch.device, compiled: bool):
+    """(step function, mode, seconds spent compiling/capturing) for the decode loop.
+
+    The step is run once at position 0 (overwritten by the prefill that follows), so compiling or
+    capturing happens here and is timed apart from the decode steps."""
+    eager = lambda token, pos: decode_one_token(model, token, cache, pos)  # noqa: E731
+    if not compiled:
+        return eager, "eager", 0.0
+    dummy_token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    dummy_pos = torch.zeros(1, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    try:
+        if device.type == "cuda":
+            step, mode = _graph_step(model, cache, batch, device), "cuda graph"
+        elif device.type == "cpu":
+            step, mode = _compiled_step(model, cache), "compiled"
+        else:
+            raise RuntimeError(f"no compiled decode path for {device.type} in this course")
+        step(dummy_token, dummy_pos)
+        synchronize(device)
+    except Exception as err:  # any compiler/capture failure: say so, then run eager
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        warnings.warn(
+            f"compiled decode is not available here ({reason}); this run is eager. "
+            "Install a C++ compiler (CPU) or use a CUDA GPU to compile.",
+            CompileFallbackWarning,
+            stacklevel=3,
+        )
+        return eager, f"eager (compile failed: {type(err).__name__})", 0.0
+    return step, mode, time.perf_counter() - start
+
+
+def _check_prompt(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}: use "
+            "tokenizer(texts, return_tensors='pt').input_ids or torch.tensor([ids])"
+        )
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be 2-D (batch, prompt length), got shape {tuple(input_ids.shape)}: "
+            "for one prompt use ids.unsqueeze(0)"
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give a prompt")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    return input_ids
 
 
 @torch.inference_mode()
@@ -127,27 +264,36 @@ def greedy_decode(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     all_logits: bool = True,
+    compiled: bool = False,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Generation:
     """Generate `new_tokens` greedily (fewer if every sequence hits `eos_token_id`).
 
     Prompts in a batch must have equal length (no padding). Matches `model.generate(...,
-    do_sample=False)` token for token. `all_logits=False` scores only the last prompt position
-    at prefill, saving batch · prompt · vocab logits (the same tokens up to float rounding).
+    do_sample=False)` token for token. `all_logits=True` computes the logits of every prompt
+    position at prefill (batch · prompt · vocab values, as a plain forward pass does);
+    `all_logits=False` only the last one's, as serving engines do.
+    `compiled=True` captures the decode step (CUDA graph on a GPU, `torch.compile` on a CPU); the
+    time that takes is `Generation.setup_s`, kept out of TTFT and TPOT.
     """
-    if new_tokens < 1:
-        raise ValueError("new_tokens must be at least 1")
+    new_tokens = checks.whole("new_tokens", new_tokens)
     _check_llama(model)
-    batch, prompt_len = input_ids.shape
+    batch, prompt_len = _check_prompt(input_ids).shape
     device = input_ids.device
     weight = next(model.parameters())
     cache = KVCache(model.config, batch, prompt_len + new_tokens, weight.dtype, device)
+    step, mode, setup_s = make_step(model, cache, batch, device, compiled)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+    positions = torch.arange(prompt_len + new_tokens, device=device)
 
     synchronize(device)
     start = clock()
-    token = forward(model, input_ids, cache, 0, all_logits)[:, -1].argmax(-1, keepdim=True)
+    if all_logits:
+        logits = forward(model, input_ids, cache, 0, all_logits=True)[:, -1]
+        token = checks.finite("the prompt's logits", logits).argmax(-1, keepdim=True)
+    else:
+        token = prefill(model, input_ids, cache)
     synchronize(device)
     ttft = clock() - start
 
@@ -158,13 +304,13 @@ def greedy_decode(
             if finished.all():
                 break
         start = clock()
-        token = forward(model, token, cache, pos)[:, -1].argmax(-1, keepdim=True)
+        token = step(token, positions[pos : pos + 1])
         if eos_token_id is not None:
             token = torch.where(finished, pad, token)  # finished sequences emit padding
         synchronize(device)
         step_s.append(clock() - start)
         out.append(token)
-    return Generation(torch.cat(out, dim=1), ttft, step_s)
+    return Generation(torch.cat(out, dim=1), ttft, step_s, mode, setup_s)
 
 
 @torch.inference_mode()
@@ -174,6 +320,9 @@ def generate_timing(model, input_ids: torch.Tensor, new_tokens: int, repeats: in
     `generate` gives only the total time, so we time 1 token (≈ TTFT) and `new_tokens` tokens
     and take TPOT as the difference per extra token. EOS is suppressed so lengths are exact.
     """
+    new_tokens = checks.whole("new_tokens", new_tokens, minimum=2)  # TPOT is a difference
+    repeats = checks.whole("repeats", repeats)
+    _check_prompt(input_ids)
     kwargs = dict(
         do_sample=False,
         attention_mask=torch.ones_like(input_ids),

@@ -41,6 +41,10 @@ ARCHITECTURES = {
         hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
     ),
+    "llama-2-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+    ),
     "llama-3-8b": dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,

@@ -1,62 +1,226 @@
-"""Predict serving latency, throughput and memory from first principles.
+"""Predict serving latency, throughput and memory from first principles — three limits.
 
-    from helpers.planner import predict
-    p = predict(model="llama-2-7b", gpu="a100-80gb-sxm", dtype="fp16", tp=2, batch=4,
-                prompt_tokens=128, new_tokens=20)
+    from helpers import planner
+    p = planner.predict(model="llama-2-7b", gpu="a100-80gb-sxm", dtype="fp16", tp=2, batch=4,
+                        prompt_tokens=128, new_tokens=20)
     p.ttft_s, p.tpot_s, p.latency_s, p.tokens_per_s, p.memory_per_gpu_bytes, p.fits, p.bound
 
-A decode step reads every weight shard and the KV cache once and does 2 FLOPs per parameter per
-sequence; it takes the longer of (bytes ÷ bandwidth) and (FLOPs ÷ peak), plus its all-reduces
-(two per layer under tensor parallelism, each α + bytes ÷ link bandwidth). Prefill is the same
-with `prompt_tokens` tokens per sequence at once, plus attention's quadratic term.
+One forward pass (a decode step, or the prefill) costs
 
-The only constants not taken from a datasheet are the efficiencies below, each documented.
+    weight matmuls: max(weight bytes ÷ bandwidth, matmul FLOPs ÷ FLOP/s)     ← bandwidth, compute
+  + attention:      max(KV bytes ÷ bandwidth, attention FLOPs ÷ FLOP/s)
+  + overhead:       step cost + layers × per-layer cost                    ← the third limit
+  + communication:  2 all-reduces per layer under TP, each α(tp) + bus bytes ÷ link bandwidth
+
+Bandwidth and FLOP/s come from datasheets (`data/published_hardware.csv`) or from this machine's
+measured ceilings; the overhead, α and the efficiency of the kernels are properties of the
+*engine* that runs the model, so a GPU is always modelled together with one (`Engine`):
+`eager` (PyTorch/transformers launching every kernel from Python), `compiled` (a CUDA graph or
+`torch.compile` replaying the step: gpt-fast, torchao, vLLM/SGLang) and `production`
+(TensorRT-LLM / FasterTransformer-class fused kernels). Each constant is derived in
+`derive_engines()` from cited published measurements (`data/published_results.csv`, rows whose
+`role` is `calibration`); the other rows check the result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
-from helpers import DATA_DIR
+from helpers import DATA_DIR, checks
 from helpers.memory import Shape, kv_cache_bytes, serving_memory
 from helpers.tp import allreduce_bus_bytes, check_tp_degree
 
-# Fraction of datasheet memory bandwidth that decode's weight streaming reaches. A plain read on
-# a lent H200 reached 4.27 of 4.8 TB/s (0.89, data/measured/h200_ceilings.csv); decode kernels
-# also launch many small kernels, so we take 0.8.
-MEMORY_EFFICIENCY = 0.8
+# Memory a runtime keeps for itself on each GPU (CUDA context, workspaces).
+RUNTIME_RESERVE_BYTES = 1.5e9
 # Fraction of dense peak FLOP/s a large matmul reaches where no measurement is published:
 # the published achievable figures give 795/989 = 0.80 (H100) and 271/312 = 0.87 (A100).
 COMPUTE_EFFICIENCY = 0.8
-# Fixed latency of one all-reduce between GPUs in a node (NCCL over NVLink). Not measured here
-# (we had one GPU); small-message all-reduce latencies of order 10–40 µs are typical, and this
-# value is the one uncertain constant of the model: notebook 03 shows its effect.
-ALLREDUCE_LATENCY_S = 20e-6
-# Memory a runtime keeps for itself on each GPU (CUDA context, workspaces).
-RUNTIME_RESERVE_BYTES = 1.5e9
+# gpt-fast's README: an A100-80GB (power-limited to 330 W) reaches "about 1700 GB/s" of its
+# 2039 GB/s datasheet bandwidth in practice. The same fraction is used for every GPU.
+MEMORY_EFFICIENCY = 1700 / 2039
+# NVLink datasheet figures (600 GB/s A100, 900 GB/s H100/H200) add both directions; an
+# all-reduce's bus traffic runs in one direction per link, so it sees half.
+NVLINK_DIRECTIONS = 2
 
 # Bytes per weight for each serving precision; weight-only formats compute in 16 bit and keep
-# one 16-bit scale per group of 64 (int4) or per output channel (int8, negligible).
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 64}
+# one 16-bit scale and zero point per group of 64 (int4) or a scale per output channel (int8).
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 64}
 COMPUTE_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2}
+ENGINE_NAMES = ("eager", "compiled", "production")
+DEFAULT_ENGINE = "compiled"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What the software adds to every forward pass, beyond moving bytes and doing FLOPs."""
+
+    name: str
+    step_s: float = 0.0  # fixed per pass: sampling, scheduling, Python around the model
+    layer_s: float = 0.0  # per layer: launching (or dispatching) that layer's kernels
+    allreduce_s: float = 0.0  # α of one all-reduce between 2 GPUs
+    allreduce_per_rank_s: float = 0.0  # α grows by this for each further rank
+    memory_efficiency: float = 1.0  # fraction of the spec's bandwidth its kernels reach
+    dequant_flops: dict = field(default_factory=dict)  # extra work per weight (int8/int4)
+    source: str = ""
+
+    def overhead_s(self, layers: int) -> float:
+        return self.step_s + layers * self.layer_s
+
+    def alpha_s(self, tp: int) -> float:
+        return self.allreduce_s + self.allreduce_per_rank_s * (tp - 2)
 
 
 @dataclass(frozen=True)
 class GPUSpec:
     name: str
-    flops: float  # dense FLOP/s in the compute dtype
-    bandwidth: float  # bytes/s
+    flops: float  # dense FLOP/s in the compute dtype (achievable)
+    bandwidth: float  # bytes/s (datasheet, or measured)
     memory: float  # bytes
-    link_bandwidth: float | None = None  # bytes/s per GPU to its peers (NVLink); None: no link
+    link_bandwidth: float | None = None  # bytes/s, one direction, to each peer; None: no link
     fp32_flops: float | None = None  # None: fp32 runs at a quarter of the 16-bit peak (no TF32)
+    engine: Engine = Engine("ideal")  # zero overhead: the first-principles floor
+    link: str = "nvlink"  # "nvlink" or "pcie": how GPUs without NVLink talk
+    linear_flops: dict = field(default_factory=dict)  # tokens per pass → measured FLOP/s
+
+
+# --- Published data ------------------------------------------------------------------------
 
 
 @functools.cache
-def published_gpus() -> dict[str, GPUSpec]:
-    """Datasheet GPUs (data/published_hardware.csv) with the efficiencies above applied."""
+def published_results() -> pd.DataFrame:
+    return pd.read_csv(DATA_DIR / "published_results.csv")
+
+
+def _published_ms(source: str, model: str, dtype: str, tp: int) -> float:
+    """ms per token of one published row (converted from tokens/s where needed)."""
+    t = published_results()
+    r = t[(t.source == source) & (t.model == model) & (t.dtype == dtype) & (t.tp == tp)
+          & t.metric.isin(["tokens_per_s", "ms_per_token"])].iloc[0]  # fmt: skip
+    return r.value if r.metric == "ms_per_token" else 1e3 / r.value
+
+
+def _floor_ms(model: str, gpu: str, dtype: str, tp: int, context: int = 0) -> float:
+    """Weight (+ KV) bytes ÷ achievable bandwidth, ms: the part of a step no engine avoids."""
+    shape, hw = Shape.of(model), _hardware()[gpu]
+    bytes_ = _streamed_weight_bytes(shape, dtype) + kv_cache_bytes(shape, 1, context, 2)
+    return bytes_ / tp / (hw["bandwidth"] * MEMORY_EFFICIENCY) * 1e3
+
+
+def derive_engines() -> pd.DataFrame:
+    """Every engine constant and the published rows it comes from, step by step."""
+    rows = []
+
+    def note(engine, constant, value, unit, how):
+        rows.append({"engine": engine, "constant": constant, "value": value, "unit": unit,
+                     "derivation": how})  # fmt: skip
+
+    # compiled: gpt-fast, Llama-2-7B bf16 on A100-80GB, batch 1, TP 1/2/4/8 (CUDA graphs).
+    layers = Shape.of("llama-2-7b").layers
+    t1 = _published_ms("gpt-fast", "llama-2-7b", "bf16", 1)
+    layer_s = (t1 - _floor_ms("llama-2-7b", "a100-80gb-sxm", "bf16", 1)) / layers / 1e3
+    note("compiled", "layer_s", layer_s, "s",
+         f"gpt-fast TP1 {t1:.2f} ms − weight floor, ÷ {layers} layers")  # fmt: skip
+    tps = [2, 4, 8]
+    alphas = [
+        (_published_ms("gpt-fast", "llama-2-7b", "bf16", t)
+         - _floor_ms("llama-2-7b", "a100-80gb-sxm", "bf16", t) - layers * layer_s * 1e3)
+        / (2 * layers) / 1e3
+        for t in tps
+    ]  # fmt: skip
+    per_rank, alpha2 = np.polyfit(np.array(tps) - 2, alphas, 1)
+    note(
+        "compiled",
+        "allreduce_s",
+        alpha2,
+        "s",
+        "gpt-fast TP2/4/8 residual ÷ (2 · layers) all-reduces, fitted α(2) + slope · (tp−2)",
+    )
+    note("compiled", "allreduce_per_rank_s", max(per_rank, 0.0), "s", "slope of that fit")
+    for dt in ("int8", "int4"):
+        extra = _published_ms("gpt-fast", "llama-2-7b", dt, 1) - layers * layer_s * 1e3
+        extra -= _floor_ms("llama-2-7b", "a100-80gb-sxm", dt, 1)
+        weights = _linear_params(Shape.of("llama-2-7b"))
+        flops = extra / 1e3 * _hardware()["a100-80gb-sxm"]["flops"] / weights
+        note(
+            "compiled",
+            f"dequant_flops[{dt}]",
+            flops,
+            "FLOP per weight",
+            f"gpt-fast {dt} time − its weight floor − layer overhead, × A100 FLOP/s ÷ weights",
+        )
+
+    # production: FasterTransformer, 13B Llama shape, fp16, A100-40GB, batch 1, 512 context.
+    layers13 = Shape.of("llama-2-13b").layers
+    ft1 = _published_ms("llm-analysis", "llama-2-13b", "fp16", 1)
+    ft_layer = (ft1 - _floor_ms("llama-2-13b", "a100-40gb", "fp16", 1, 512)) / layers13 / 1e3
+    note(
+        "production",
+        "layer_s",
+        ft_layer,
+        "s",
+        f"FasterTransformer TP1 {ft1:.1f} ms − weight and KV floor, ÷ {layers13} layers",
+    )
+    ft2 = _published_ms("llm-analysis", "llama-2-13b", "fp16", 2)
+    ft_alpha = (ft2 - _floor_ms("llama-2-13b", "a100-40gb", "fp16", 2, 512)
+                - layers13 * ft_layer * 1e3) / (2 * layers13) / 1e3  # fmt: skip
+    note(
+        "production",
+        "allreduce_s",
+        ft_alpha,
+        "s",
+        f"FasterTransformer TP2 {ft2:.1f} ms − floor − layer overhead, ÷ (2 · layers)",
+    )
+
+    # eager: every kernel launched from Python, so the cost is the host CPU's and varies by
+    # machine: the course's own loop on the H200's host (data/measured) is shown for comparison.
+    eager = _published_ms("gpt-fast-blog", "llama-2-7b", "bf16", 1)
+    eager_layer = (eager - _floor_ms("llama-2-7b", "a100-80gb-sxm", "bf16", 1)) / layers / 1e3
+    note(
+        "eager",
+        "layer_s",
+        eager_layer,
+        "s",
+        f"gpt-fast blog eager {eager:.1f} ms − weight floor, ÷ {layers} layers",
+    )
+    measured = pd.read_csv(DATA_DIR / "measured" / "h200_decode.csv")
+    loop = measured[(measured.method == "static-cache loop") & (measured.batch == 1)]
+    for r in loop.itertuples():  # its floor already uses the bandwidth measured there
+        note(
+            "eager (H200 host, for comparison)",
+            f"layer_s[{r.model}]",
+            (r.tpot_s - r.floor_s) / Shape.of(r.model).layers,
+            "s",
+            f"course loop on the lent H200 {r.tpot_s * 1e3:.1f} ms − floor, ÷ layers",
+        )
+    note("eager", "allreduce_s", ft_alpha, "s", "as production (both use NCCL)")
+    return pd.DataFrame(rows)
+
+
+@functools.cache
+def engines() -> dict[str, Engine]:
+    """The three engine presets, with the constants `derive_engines()` shows."""
+    d = derive_engines().set_index(["engine", "constant"]).value
+    dequant = {dt: d["compiled", f"dequant_flops[{dt}]"] for dt in ("int8", "int4")}
+    source = "derived in helpers.planner.derive_engines() from data/published_results.csv"
+    common = dict(memory_efficiency=MEMORY_EFFICIENCY, dequant_flops=dequant, source=source,
+                  allreduce_per_rank_s=d["compiled", "allreduce_per_rank_s"])  # fmt: skip
+    return {
+        "eager": Engine("eager", layer_s=d["eager", "layer_s"],
+                        allreduce_s=d["eager", "allreduce_s"], **common),
+        "compiled": Engine("compiled", layer_s=d["compiled", "layer_s"],
+                           allreduce_s=d["compiled", "allreduce_s"], **common),
+        "production": Engine("production", layer_s=d["production", "layer_s"],
+                             allreduce_s=d["production", "allreduce_s"], **common),
+    }  # fmt: skip
+
+
+@functools.cache
+def _hardware() -> dict[str, dict]:
     out = {}
     for r in pd.read_csv(DATA_DIR / "published_hardware.csv").itertuples():
         if pd.notna(r.achievable_bf16_tflops):  # a published achievable figure: use it as is
@@ -64,17 +228,115 @@ def published_gpus() -> dict[str, GPUSpec]:
         else:
             peak = r.dense_bf16_tflops if pd.notna(r.dense_bf16_tflops) else r.dense_fp16_tflops
             flops = peak * 1e12 * COMPUTE_EFFICIENCY
-        link = r.interconnect_gbs * 1e9 if pd.notna(r.interconnect_gbs) else None
-        bandwidth = r.memory_bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY
-        out[r.gpu] = GPUSpec(r.gpu, flops, bandwidth, r.memory_gb * 1e9, link)
+        if pd.notna(r.interconnect_gbs):
+            link, kind = r.interconnect_gbs * 1e9 / NVLINK_DIRECTIONS, "nvlink"
+        else:
+            link, kind = r.pcie_gbs * 1e9, "pcie"
+        out[r.gpu] = dict(flops=flops, bandwidth=r.memory_bandwidth_gbs * 1e9,
+                          memory=r.memory_gb * 1e9, link_bandwidth=link, link=kind)  # fmt: skip
     return out
 
 
+def gpu(name: str, engine: str | Engine = DEFAULT_ENGINE) -> GPUSpec:
+    """A datasheet GPU (`data/published_hardware.csv`) run by an engine preset (or your own)."""
+    name = checks.choice("GPU", name, _hardware())
+    if not isinstance(engine, Engine):
+        engine = engines()[checks.choice("engine", engine, ENGINE_NAMES)]
+    hw = _hardware()[name]
+    return GPUSpec(name, engine=engine, **hw)
+
+
+def published_gpus(engine: str | Engine = DEFAULT_ENGINE) -> dict[str, GPUSpec]:
+    """Every datasheet GPU, run by `engine`."""
+    return {name: gpu(name, engine) for name in _hardware()}
+
+
 def spec_from_ceilings(ceilings, name: str = "this machine", memory_bytes: float = 0.0) -> GPUSpec:
-    """A device spec from measured ceilings (notebook 00): already achievable, no efficiency."""
-    flops = max(ceilings.matmul_flops.values())
-    return GPUSpec(name, flops, ceilings.read_bandwidth, memory_bytes,
-                   fp32_flops=ceilings.matmul_flops.get("fp32"))  # fmt: skip
+    """This machine as measured (notebook 00): bandwidth, FLOP/s of square and decode-shaped
+    matmuls, and the overhead of an eager decode step. Already achievable: no efficiency."""
+    engine = Engine(
+        "eager, measured here",
+        step_s=getattr(ceilings, "step_overhead_s", None) or 0.0,
+        layer_s=getattr(ceilings, "layer_overhead_s", None) or 0.0,
+        source="notebook 00's overhead measurement",
+    )
+    return GPUSpec(
+        name, max(ceilings.matmul_flops.values()), ceilings.read_bandwidth, memory_bytes,
+        fp32_flops=ceilings.matmul_flops.get("fp32"), engine=engine,
+        linear_flops=dict(getattr(ceilings, "linear_flops", None) or {}),
+    )  # fmt: skip
+
+
+# --- The model ------------------------------------------------------------------------------
+
+
+def _linear_params(shape: Shape) -> int:
+    """Weights that multiply every token: all but the input embedding (read one row per token),
+    unless the output layer shares it."""
+    return shape.params - (0 if shape.tied_embeddings else shape.vocab * shape.hidden)
+
+
+def _streamed_weight_bytes(shape: Shape, dtype: str) -> float:
+    """Bytes of weights one forward pass reads (the embedding table stays 16-bit when quantized,
+    and only its used rows are read unless it doubles as the output layer)."""
+    return _linear_params(shape) * WEIGHT_BYTES[dtype]
+
+
+def _matmul_rate(spec: GPUSpec, dtype: str, tokens: int) -> float:
+    """FLOP/s of the weight matmuls when `tokens` rows go through at once: measured where this
+    machine measured decode-shaped products (interpolated), else the square-matmul figure."""
+    square = (spec.fp32_flops or spec.flops / 4) if dtype == "fp32" else spec.flops
+    if not spec.linear_flops:
+        return square
+    ms = sorted(int(m) for m in spec.linear_flops)
+    rates = [spec.linear_flops[m] for m in ms]
+    if tokens > ms[-1]:  # beyond the measured rows: approach the square peak
+        ms, rates = ms + [max(2048, 2 * ms[-1])], rates + [max(square, rates[-1])]
+    return float(np.exp(np.interp(np.log(tokens), np.log(ms), np.log(rates))))
+
+
+def _allreduce_s(nbytes: float, tp: int, spec: GPUSpec) -> float:
+    if tp == 1:
+        return 0.0
+    return spec.engine.alpha_s(tp) + allreduce_bus_bytes(nbytes, tp) / spec.link_bandwidth
+
+
+def step_time(shape, spec, dtype, tp, batch, tokens, context) -> dict[str, float]:
+    """Seconds of one forward pass over `tokens` new tokens per sequence, by part."""
+    engine = spec.engine
+    bandwidth = spec.bandwidth * engine.memory_efficiency
+    act = COMPUTE_DTYPE_BYTES[dtype]
+    weights = _streamed_weight_bytes(shape, dtype) / tp
+    kv_read = kv_cache_bytes(shape, batch, context, act) / tp
+    matmul_flops = 2 * _linear_params(shape) * batch * tokens / tp
+    attention_flops = 4 * shape.layers * batch * tokens * context * shape.heads * shape.head_dim
+    square = (spec.fp32_flops or spec.flops / 4) if dtype == "fp32" else spec.flops
+    dequant = engine.dequant_flops.get(dtype, 0.0) * _linear_params(shape) / tp / spec.flops
+    message = batch * tokens * shape.hidden * act
+    matmul_rate = _matmul_rate(spec, dtype, batch * tokens)
+    measured = bool(spec.linear_flops)
+    return {
+        "memory": weights / bandwidth + kv_read / bandwidth,
+        "compute": matmul_flops / matmul_rate + attention_flops / tp / square,
+        "matmuls": _combine(weights / bandwidth, matmul_flops / matmul_rate, measured),
+        "attention": _combine(kv_read / bandwidth, attention_flops / tp / square, measured),
+        "dequantize": dequant,
+        "overhead": engine.overhead_s(shape.layers),
+        "communication": 2 * shape.layers * _allreduce_s(message, tp, spec),
+    }
+
+
+def _combine(memory_s: float, compute_s: float, measured: bool) -> float:
+    """Time of kernels that both stream bytes and compute. With rates measured on decode-shaped
+    products (this machine) the measured rate already includes the streaming: take the larger.
+    With datasheet figures, assume no overlap (the sum): a kernel near the ridge point reaches
+    neither roof, and published prefill times (`role` check rows) sit at the sum, not the max."""
+    return max(memory_s, compute_s) if measured else memory_s + compute_s
+
+
+def _total(parts: dict) -> float:
+    return (parts["matmuls"] + parts["attention"] + parts["dequantize"] + parts["overhead"]
+            + parts["communication"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,63 +347,37 @@ class Prediction:
     tokens_per_s: float
     memory_per_gpu_bytes: float
     fits: bool
-    bound: str  # what limits a decode step: "memory", "compute" or "communication"
+    bound: str  # what limits a decode step: "memory", "compute", "overhead" or "communication"
     reason: str = ""
     decode_parts_s: dict | None = None
 
 
-def _resolve(model, gpu) -> tuple[Shape, GPUSpec]:
+def _resolve(model, gpu_) -> tuple[Shape, GPUSpec]:
+    if isinstance(model, str):
+        model = model.strip().lower()  # names are labels: "Llama-2-7B" is "llama-2-7b"
     shape = Shape.of(model)  # a name, a transformers config or a dict; errors name the choices
-    if isinstance(gpu, GPUSpec):
-        return shape, gpu
-    gpus = published_gpus()
-    if gpu not in gpus:
-        raise ValueError(f"Unknown GPU {gpu!r}; known: {sorted(gpus)}, or pass a GPUSpec.")
-    return shape, gpus[gpu]
-
-
-def _allreduce_s(nbytes: float, tp: int, spec: GPUSpec) -> float:
-    if tp == 1:
-        return 0.0
-    if spec.link_bandwidth is None:
-        raise ValueError(f"{spec.name} has no GPU-to-GPU link in the table: use tp=1.")
-    return ALLREDUCE_LATENCY_S + allreduce_bus_bytes(nbytes, tp) / spec.link_bandwidth
-
-
-def step_time(shape, spec, dtype, tp, batch, tokens, context) -> dict[str, float]:
-    """Seconds of one forward pass over `tokens` new tokens per sequence, by limit."""
-    flops_rate = (spec.fp32_flops or spec.flops / 4) if dtype == "fp32" else spec.flops
-    weights = shape.params * WEIGHT_BYTES[dtype] / tp
-    act = COMPUTE_DTYPE_BYTES[dtype]
-    kv_read = kv_cache_bytes(shape, batch, context, act) / tp
-    matmul_flops = 2 * shape.params * batch * tokens / tp
-    attention_flops = (
-        4 * shape.layers * batch * tokens * context * shape.heads * shape.head_dim / tp
-    )
-    message = batch * tokens * shape.hidden * act
-    return {
-        "memory": (weights + kv_read) / spec.bandwidth,
-        "compute": (matmul_flops + attention_flops) / flops_rate,
-        "communication": 2 * shape.layers * _allreduce_s(message, tp, spec),
-    }
+    return shape, gpu_ if isinstance(gpu_, GPUSpec) else gpu(gpu_)
 
 
 def predict(
     model="llama-2-7b", gpu="a100-80gb-sxm", dtype="fp16", tp=1, batch=1,
     prompt_tokens=128, new_tokens=128,
 ) -> Prediction:  # fmt: skip
-    """Latency, throughput and memory of serving `batch` requests; see the module docstring."""
-    if dtype not in WEIGHT_BYTES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(WEIGHT_BYTES)}.")
+    """Latency, throughput and memory of serving `batch` requests; see the module docstring.
+
+    `gpu`: a name from `data/published_hardware.csv` (run by the `compiled` engine), or a
+    `GPUSpec` (`planner.gpu(name, engine)`, `spec_from_ceilings(...)`, `calibrate(...)`)."""
+    dtype = checks.choice("dtype", dtype, WEIGHT_BYTES)
+    tp = checks.whole("tp", tp)
+    batch = checks.whole("batch", batch)
+    prompt_tokens = checks.whole("prompt_tokens", prompt_tokens)
+    new_tokens = checks.whole("new_tokens", new_tokens)
     shape, spec = _resolve(model, gpu)
     check_tp_degree(tp, heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate)
-    if batch < 1 or new_tokens < 1 or prompt_tokens < 1:
-        raise ValueError("batch, prompt_tokens and new_tokens must be at least 1")
 
     prefill = step_time(shape, spec, dtype, tp, batch, prompt_tokens, prompt_tokens)
     decode = step_time(shape, spec, dtype, tp, batch, 1, prompt_tokens + new_tokens // 2)
-    ttft = max(prefill["memory"], prefill["compute"]) + prefill["communication"]
-    tpot = max(decode["memory"], decode["compute"]) + decode["communication"]
+    ttft, tpot = _total(prefill), _total(decode)
     latency = ttft + (new_tokens - 1) * tpot
     context = prompt_tokens + new_tokens
     act = COMPUTE_DTYPE_BYTES[dtype]
@@ -156,7 +392,7 @@ def predict(
         "raise tp, lower batch or context, or quantize"
     )  # fmt: skip
     limits = {"memory": decode["memory"], "compute": decode["compute"],
-              "communication": decode["communication"]}  # fmt: skip
+              "overhead": decode["overhead"], "communication": decode["communication"]}  # fmt: skip
     return Prediction(
         ttft_s=ttft, tpot_s=tpot, latency_s=latency, tokens_per_s=batch * new_tokens / latency,
         memory_per_gpu_bytes=memory, fits=fits, bound=max(limits, key=limits.get),
@@ -164,17 +400,58 @@ def predict(
     )  # fmt: skip
 
 
+def step_seconds(*, model, gpu, dtype: str, tp: int = 1, batch: int, tokens: int,
+                 context: int) -> float:  # fmt: skip
+    """Predicted seconds of one forward pass: `batch` sequences, `tokens` new tokens each,
+    attending to `context` positions (a serving engine's step-time model)."""
+    shape, spec = _resolve(model, gpu)
+    dtype = checks.choice("dtype", dtype, WEIGHT_BYTES)
+    return _total(step_time(shape, spec, dtype, tp, batch, tokens, context))
+
+
+def calibrate(measured, *, model, gpu, dtype: str) -> GPUSpec:
+    """`gpu` refitted to a measured sweep: TPOT ≈ overhead + slope × (first-principles time).
+
+    `measured`: rows with `batch`, `prompt`, `new_tokens` and the measured `tpot_s`. The
+    intercept becomes the engine's per-step overhead and the slope divides its efficiency."""
+    rows = pd.DataFrame(measured)
+    if len(rows) < 2:
+        raise ValueError("calibrate needs at least two measured rows (e.g. two batch sizes)")
+    shape, spec = _resolve(model, gpu)
+    ideal = dataclasses.replace(spec, engine=dataclasses.replace(
+        spec.engine, step_s=0.0, layer_s=0.0))  # fmt: skip
+    x = [
+        _total(step_time(shape, ideal, dtype, 1, int(r.batch), 1,
+                         int(r.prompt) + int(r.new_tokens) // 2))
+        for r in rows.itertuples()
+    ]  # fmt: skip
+    slope, intercept = np.polyfit(x, rows.tpot_s.to_numpy(), 1)
+    if slope <= 0:
+        raise ValueError("the measured times do not grow with the predicted work: measure a "
+                         "wider range of batches")  # fmt: skip
+    engine = dataclasses.replace(
+        spec.engine, name=f"{spec.engine.name}, calibrated", step_s=max(intercept, 0.0),
+        layer_s=0.0, memory_efficiency=spec.engine.memory_efficiency / slope,
+    )  # fmt: skip
+    rates = {m: r / slope for m, r in spec.linear_flops.items()}
+    return dataclasses.replace(spec, engine=engine, linear_flops=rates,
+                               fp32_flops=(spec.fp32_flops or spec.flops / 4) / slope,
+                               flops=spec.flops / slope)  # fmt: skip
+
+
 def candidates(
     model, gpu, gpus: int, prompt_tokens: int = 512, new_tokens: int = 128,
     dtypes=("fp16", "int8", "int4"), batches=tuple(2**k for k in range(11)),
 ) -> pd.DataFrame:  # fmt: skip
     """Every (precision, TP, batch) on `gpus` GPUs, as predicted; replicas = gpus // tp."""
-    shape, _ = _resolve(model, gpu)
+    gpus = checks.whole("gpus", gpus)
+    dtypes = checks.names("dtypes", dtypes, WEIGHT_BYTES)
+    shape, spec = _resolve(model, gpu)
     rows = []
     for dtype in dtypes:
         for tp in (t for t in (1, 2, 4, 8) if t <= gpus and shape.kv_heads % t == 0):
             for batch in batches:
-                p = predict(model, gpu, dtype, tp, batch, prompt_tokens, new_tokens)
+                p = predict(model, spec, dtype, tp, batch, prompt_tokens, new_tokens)
                 rows.append({
                     "dtype": dtype, "tp": tp, "batch": batch, "replicas": gpus // tp,
                     "tpot_ms": p.tpot_s * 1e3, "latency_s": p.latency_s, "fits": p.fits,
@@ -186,6 +463,7 @@ def candidates(
 def best_config(model, gpu, gpus: int, tpot_budget_ms: float, **kwargs) -> pd.Series | None:
     """The configuration with the most tokens/s across `gpus` GPUs whose time per output token
     stays within the budget (None if nothing fits the budget)."""
+    checks.positive("tpot_budget_ms", tpot_budget_ms)
     table = candidates(model, gpu, gpus, **kwargs)
     ok = table[table.fits & (table.tpot_ms <= tpot_budget_ms)]
     return None if ok.empty else ok.loc[ok.tokens_per_s.idxmax()]

@@ -7,7 +7,9 @@ it; above, arithmetic does.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from helpers import BUILD_DIR
+from helpers import BUILD_DIR, overhead
 from helpers.bench import measure
-from helpers.device import Preset, dtype_note, supported_dtypes
+from helpers.device import Preset, describe, dtype_note, supported_dtypes
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -54,22 +56,31 @@ class Ceilings:
     host_to_device: float | None = None
     device_to_host: float | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    # The third limit (helpers.overhead): seconds per tiny operation; an eager decode step's
+    # fixed and per-layer cost; FLOP/s of decode-shaped products by rows per product.
+    op_overhead_s: float | None = None
+    step_overhead_s: float | None = None
+    layer_overhead_s: float | None = None
+    linear_flops: dict[int, float] = field(default_factory=dict)
+    machine: str = ""  # machine_key() of where these were measured
 
     def peak(self, dtype: str = "fp32") -> float:
         return self.matmul_flops[dtype]
 
     def save(self, path: Path | None = None) -> Path:
-        path = Path(path or _saved_path(self.device))
+        path = Path(path or saved_path(self.device))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2))
         return path
 
     @classmethod
     def load(cls, path: Path) -> Ceilings:
-        return cls(**json.loads(Path(path).read_text()))
+        fields = json.loads(Path(path).read_text())
+        fields["linear_flops"] = {int(m): v for m, v in fields.get("linear_flops", {}).items()}
+        return cls(**fields)
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, device: str) -> Ceilings:
+    def from_frame(cls, df: pd.DataFrame, device: str, overhead: dict | None = None) -> Ceilings:
         best = df.groupby(["ceiling", "dtype"], dropna=False)["value"].max()
         get = best.to_dict().get
         return cls(
@@ -80,21 +91,71 @@ class Ceilings:
             host_to_device=get(("host→device pinned", "bytes")),
             device_to_host=get(("device→host pinned", "bytes")),
             notes={r.dtype: r.note for r in df.itertuples() if r.ceiling == "matmul" and r.note},
+            machine=machine_key(torch.device(device)),
+            **(overhead or {}),
         )
 
 
-def _saved_path(device) -> Path:
-    return BUILD_DIR / f"ceilings_{str(device).replace(':', '')}.json"
+def machine_key(device: torch.device) -> str:
+    """Names this machine, device and software: ceilings measured elsewhere are never reused."""
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    threads = str(torch.get_num_threads())
+    facts = [platform.node(), device.type, hardware, torch.__version__, threads]
+    return hashlib.sha1("|".join(facts).encode()).hexdigest()[:12]
+
+
+def _cpu_model() -> str:
+    return describe(torch.device("cpu"))["cpu"]
+
+
+def saved_path(device) -> Path:
+    device = torch.device(device)
+    return BUILD_DIR / f"ceilings_{device.type}_{machine_key(device)}.json"
 
 
 def load_or_measure(device: torch.device, preset: Preset) -> Ceilings:
-    """The ceilings notebook 00 saved for this device, or measure them now (and save them)."""
-    path = _saved_path(device)
+    """The ceilings notebook 00 saved on this machine with this torch, or measure them now.
+
+    The file name carries `machine_key`, so another machine, device or torch version measures
+    afresh instead of reusing stale numbers."""
+    path = saved_path(device)
     if path.exists():
-        return Ceilings.load(path)
-    ceilings = Ceilings.from_frame(measure_ceilings(device, preset), str(device))
+        ceilings = Ceilings.load(path)
+        if ceilings.machine == machine_key(device) and ceilings.step_overhead_s is not None:
+            return ceilings
+    ceilings = Ceilings.from_frame(
+        measure_ceilings(device, preset), str(device), overhead_fields(measure_overhead(device))
+    )
     ceilings.save(path)
     return ceilings
+
+
+def measure_overhead(device: torch.device) -> dict[str, pd.DataFrame]:
+    """The third limit's measurements (see helpers.overhead), as tidy frames."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {
+        "ops": overhead.op_overhead(device),
+        "steps": overhead.step_overhead(device),
+        "linear": overhead.linear_rates(device, dtype, **_linear_sizes(device)),
+    }
+
+
+def _linear_sizes(device: torch.device) -> dict:
+    if device.type == "cpu":
+        return {}
+    return {"batches": (1, 4, 16, 64, 256), "width": 4096, "total_bytes": 1e9}
+
+
+def overhead_fields(frames: dict[str, pd.DataFrame]) -> dict:
+    """The Ceilings fields from `measure_overhead`'s frames: a line through step time vs layers
+    gives the fixed and per-layer cost of a step."""
+    fit = overhead.fit_line(frames["steps"].layers, frames["steps"].step_s)
+    return {
+        "op_overhead_s": float(frames["ops"].seconds_per_op.iloc[0]),
+        "step_overhead_s": max(fit.intercept, 0.0),
+        "layer_overhead_s": fit.slope,
+        "linear_flops": {int(r.batch): float(r.flops_per_s) for r in frames["linear"].itertuples()},
+    }
 
 
 def _row(timing, ceiling: str, dtype: str, size: int, work: float, unit: str, note="") -> dict:

@@ -70,8 +70,70 @@ def test_timings_are_reported(tiny_llama):
     assert gen.row()["new_tokens"] == 5
 
 
-def test_bad_input():
+def test_decode_one_token_equals_the_sliced_forward(tiny_llama):
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
+    a = decode.KVCache(tiny_llama.config, 2, 9, torch.float32, "cpu")
+    b = decode.KVCache(tiny_llama.config, 2, 9, torch.float32, "cpu")
+    first = decode.prefill(tiny_llama, ids, a)
+    decode.forward(tiny_llama, ids, b, 0)
+    token = decode.decode_one_token(tiny_llama, first, a, torch.tensor([5]))
+    reference = decode.forward(tiny_llama, first, b, 5)[:, -1].argmax(-1, keepdim=True)
+    assert torch.equal(token, reference)
+    torch.testing.assert_close(a.keys[1][:, :, :6], b.keys[1][:, :, :6], rtol=0, atol=1e-6)
+
+
+def test_compiled_tokens_equal_eager(tiny_llama):
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    eager = decode.greedy_decode(tiny_llama, ids, 10)
+    compiled = decode.greedy_decode(tiny_llama, ids, 10, compiled=True)
+    assert compiled.mode == "compiled" and compiled.setup_s > 0
+    assert torch.equal(eager.tokens, compiled.tokens)
+    again = decode.greedy_decode(tiny_llama, ids, 10, compiled=True)
+    assert again.setup_s < compiled.setup_s  # compiled once per shape, then reused
+
+
+def test_compile_failure_falls_back_to_eager_and_says_so(tiny_llama, monkeypatch):
+    def broken(model, cache):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(decode, "_compiled_step", broken)
+    ids = torch.randint(0, 97, (1, 4))
+    with pytest.warns(decode.CompileFallbackWarning, match="no C\\+\\+ compiler"):
+        gen = decode.greedy_decode(tiny_llama, ids, 5, compiled=True)
+    assert gen.mode.startswith("eager (compile failed")
+    assert torch.equal(gen.tokens, decode.greedy_decode(tiny_llama, ids, 5).tokens)
+
+
+def test_nan_weight_is_reported_not_decoded(tiny_llama):
+    import copy
+
+    broken = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        decode.greedy_decode(broken, torch.zeros(1, 3, dtype=torch.long), 4)
+
+
+def test_one_token_has_defined_timings(tiny_llama):
+    gen = decode.greedy_decode(tiny_llama, torch.zeros(2, 3, dtype=torch.long), 1)
+    assert gen.step_s == [] and gen.tpot_s == 0.0
+    assert gen.tokens_per_s == pytest.approx(2 / gen.ttft_s)
+    assert gen.row()["tpot_q1_s"] == 0.0
+
+
+def test_bad_input(tiny_llama):
     with pytest.raises(TypeError, match="Llama-architecture"):
         decode.greedy_decode(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="new_tokens"):
         decode.greedy_decode(None, torch.zeros(1, 2, dtype=torch.long), 0)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="whole number"):
+        decode.greedy_decode(tiny_llama, ids, 2.5)
+    with pytest.raises(ValueError, match="unsqueeze"):
+        decode.greedy_decode(tiny_llama, ids[0], 2)
+    with pytest.raises(TypeError, match="tensor of token ids"):
+        decode.greedy_decode(tiny_llama, [[1, 2, 3]], 2)
+    with pytest.raises(ValueError, match="empty"):
+        decode.greedy_decode(tiny_llama, torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        decode.generate_timing(tiny_llama, ids, 1)

@@ -1,13 +1,19 @@
+import dataclasses
+
+import numpy as np
+import pandas as pd
 import pytest
 
 from helpers import planner
 from helpers.memory import Shape, kv_cache_bytes
 
 LLAMA_2_7B_PARAMS = 6_738_415_616
+EMBEDDING_7B = 32000 * 4096  # read one row per token, so not streamed
 
 
-def a100():
-    return planner.published_gpus()["a100-80gb-sxm"]
+def ideal(name="a100-80gb-sxm"):
+    """A datasheet GPU with a zero-overhead engine: pure first principles."""
+    return planner.gpu(name, planner.Engine("ideal"))
 
 
 def test_memory_is_weights_plus_cache_plus_activations():
@@ -21,19 +27,48 @@ def test_memory_is_weights_plus_cache_plus_activations():
     assert kv == 2 * 32 * 128 * 4096 * 2
 
 
-def test_batch_1_decode_is_weight_bytes_over_bandwidth():
-    p = planner.predict("llama-2-7b", "a100-80gb-sxm", "fp16", batch=1, prompt_tokens=1,
-                        new_tokens=2)  # fmt: skip
+def test_batch_1_decode_is_streamed_weight_bytes_over_bandwidth():
+    spec = ideal()
+    p = planner.predict("llama-2-7b", spec, "fp16", batch=1, prompt_tokens=1, new_tokens=2)
     assert p.bound == "memory"
-    floor = LLAMA_2_7B_PARAMS * 2 / a100().bandwidth
-    assert p.tpot_s == pytest.approx(floor, rel=1e-3)  # the KV cache of 2 tokens is negligible
+    floor = (LLAMA_2_7B_PARAMS - EMBEDDING_7B) * 2 / spec.bandwidth
+    flops = 2 * (LLAMA_2_7B_PARAMS - EMBEDDING_7B) / spec.flops  # no overlap assumed
+    assert p.tpot_s == pytest.approx(floor + flops, rel=1e-3)
+
+
+def test_overhead_adds_per_layer_and_per_step():
+    engine = planner.Engine("planted", step_s=1e-3, layer_s=2e-5)
+    with_overhead = planner.gpu("a100-80gb-sxm", engine)
+    a = planner.predict("llama-2-7b", ideal(), "fp16", batch=1, new_tokens=8)
+    b = planner.predict("llama-2-7b", with_overhead, "fp16", batch=1, new_tokens=8)
+    assert b.tpot_s - a.tpot_s == pytest.approx(1e-3 + 32 * 2e-5)
+    assert b.decode_parts_s["overhead"] == pytest.approx(1e-3 + 32 * 2e-5)
+
+
+def test_small_model_on_a_fast_gpu_is_overhead_bound():
+    p = planner.predict("smollm2-135m", planner.gpu("h200", "eager"), "bf16", batch=1)
+    assert p.bound == "overhead"
 
 
 def test_compute_bound_at_large_batch():
-    p = planner.predict("llama-2-7b", "a100-80gb-sxm", "fp16", batch=4096, prompt_tokens=1,
-                        new_tokens=2)  # fmt: skip
+    spec = ideal()
+    p = planner.predict("llama-2-7b", spec, "fp16", batch=4096, prompt_tokens=1, new_tokens=2)
     assert p.bound == "compute"
-    assert p.tpot_s == pytest.approx(2 * LLAMA_2_7B_PARAMS * 4096 / a100().flops, rel=0.01)
+    linear = LLAMA_2_7B_PARAMS - EMBEDDING_7B
+    assert p.decode_parts_s["compute"] == pytest.approx(2 * linear * 4096 / spec.flops, rel=0.01)
+
+
+def test_nvlink_datasheet_figure_counts_both_directions():
+    assert planner.gpu("h100-sxm").link_bandwidth == pytest.approx(450e9)
+    assert planner.gpu("t4").link == "pcie" and planner.gpu("t4").link_bandwidth == 15.75e9
+
+
+def test_kaggle_two_t4_plans_over_pcie():
+    best = planner.best_config("llama-2-7b", "t4", gpus=2, tpot_budget_ms=200)
+    assert best is not None
+    tp2 = planner.predict("llama-2-7b", "t4", "fp16", tp=2, batch=1)
+    nvlink_t4 = dataclasses.replace(planner.gpu("t4"), link_bandwidth=450e9)
+    assert tp2.tpot_s > planner.predict("llama-2-7b", nvlink_t4, "fp16", tp=2).tpot_s
 
 
 def test_monotonic_in_batch_and_tp():
@@ -46,8 +81,73 @@ def test_monotonic_in_batch_and_tp():
     assert per_gpu == sorted(per_gpu, reverse=True)  # smaller TP: more throughput per GPU
 
 
+def test_tp_gains_shrink_with_overhead():
+    eager = [planner.predict(gpu=planner.gpu("h100-sxm", "eager"), tp=t).tpot_s for t in (1, 8)]
+    ideal_ = [planner.predict(gpu=ideal("h100-sxm"), tp=t).tpot_s for t in (1, 8)]
+    assert eager[0] / eager[1] < ideal_[0] / ideal_[1]  # fixed costs do not split over GPUs
+
+
+def published_speed_rows():
+    t = planner.published_results()
+    return t[t.role.isin(["check", "calibration"])]
+
+
+@pytest.mark.parametrize("row", list(published_speed_rows().itertuples()), ids=lambda r: (
+    f"{r.source}-{r.model}-{r.dtype}-tp{r.tp}-b{r.batch}-{r.metric}"))  # fmt: skip
+def test_published_rows_within_25_percent(row):
+    spec = planner.gpu(row.gpu, row.engine)
+    new = 128 if row.metric == "tokens_per_s_total" else 200
+    p = planner.predict(row.model, spec, row.dtype, int(row.tp), int(row.batch),
+                        int(row.prompt_tokens), new)  # fmt: skip
+    predicted, published = {
+        "tokens_per_s": (p.tpot_s, 1 / row.value),
+        "ms_per_token": (p.tpot_s * 1e3, row.value),
+        "ttft_ms": (p.ttft_s * 1e3, row.value),
+        "tokens_per_s_total": (p.tokens_per_s, row.value),
+    }[row.metric]
+    assert predicted == pytest.approx(published, rel=0.25)
+
+
+def test_engine_constants_come_from_the_derivation():
+    derived = planner.derive_engines().set_index(["engine", "constant"]).value
+    assert planner.engines()["compiled"].layer_s == derived["compiled", "layer_s"]
+    assert planner.engines()["production"].allreduce_s == derived["production", "allreduce_s"]
+    assert 1e-6 < derived["compiled", "allreduce_s"] < derived["production", "allreduce_s"]
+
+
+def test_calibrate_recovers_planted_overhead_and_efficiency():
+    spec = ideal("h100-sxm")
+    overhead_s, slope = 2e-3, 1.25
+    rows = []
+    for batch in (1, 4, 16, 64, 256):
+        x = planner.step_seconds(model="llama-2-7b", gpu=spec, dtype="fp16", batch=batch,
+                                 tokens=1, context=128 + 8)  # fmt: skip
+        rows.append({"batch": batch, "prompt": 128, "new_tokens": 16,
+                     "tpot_s": overhead_s + slope * x})  # fmt: skip
+    fitted = planner.calibrate(rows, model="llama-2-7b", gpu=spec, dtype="fp16")
+    assert fitted.engine.step_s == pytest.approx(overhead_s, rel=1e-6)
+    for r in rows:
+        p = planner.predict("llama-2-7b", fitted, "fp16", batch=r["batch"], prompt_tokens=128,
+                            new_tokens=16)  # fmt: skip
+        assert p.tpot_s == pytest.approx(r["tpot_s"], rel=1e-6)
+
+
+def test_measured_linear_rates_set_the_compute_time():
+    spec = dataclasses.replace(ideal(), linear_flops={1: 1e12, 64: 64e12})
+    x = planner.step_time(Shape.of("llama-2-7b"), spec, "fp16", 1, 8, 1, 16)
+    rate_8 = np.exp(np.interp(np.log(8), np.log([1, 64]), np.log([1e12, 64e12])))
+    assert x["compute"] == pytest.approx(2 * (LLAMA_2_7B_PARAMS - EMBEDDING_7B) * 8 / rate_8,
+                                         rel=0.01)  # fmt: skip
+
+
+def test_names_are_case_insensitive():
+    a = planner.predict("Llama-2-7B", "A100-80GB-SXM", "FP16")
+    b = planner.predict("llama-2-7b", "a100-80gb-sxm", "fp16")
+    assert a == b
+
+
 def test_bad_input():
-    with pytest.raises(ValueError, match="known:"):
+    with pytest.raises(ValueError, match="known:|use one of"):
         planner.predict(model="gpt-9")
     with pytest.raises(ValueError, match="Unknown GPU"):
         planner.predict(gpu="tpu-v5")
@@ -55,6 +155,17 @@ def test_bad_input():
         planner.predict(model="llama-3-8b", tp=3)
     with pytest.raises(ValueError, match="Unknown dtype"):
         planner.predict(dtype="fp8")
+    for tp in (0, -1):
+        with pytest.raises(ValueError, match="tp must be at least 1"):
+            planner.predict(tp=tp)
+    with pytest.raises(TypeError, match="whole number"):
+        planner.predict(batch=2.5)
+    with pytest.raises(ValueError, match="gpus must be at least 1"):
+        planner.best_config("llama-2-7b", "h100-sxm", gpus=0, tpot_budget_ms=20)
+    with pytest.raises(TypeError, match="not a string"):
+        planner.candidates("llama-2-7b", "h100-sxm", gpus=1, dtypes="fp16")
+    with pytest.raises(ValueError, match="Unknown engine"):
+        planner.gpu("h100-sxm", "turbo")
     p = planner.predict(model="llama-3-70b", gpu="t4", dtype="fp16")
     assert not p.fits and "raise tp" in p.reason
 
@@ -65,6 +176,7 @@ def test_best_config_respects_the_budget_and_maximises_throughput():
     ok = table[table.fits & (table.tpot_ms <= 20)]
     assert best.tpot_ms <= 20 and best.fits
     assert best.tokens_per_s == ok.tokens_per_s.max()
-    tight = planner.best_config("llama-2-7b", "h100-sxm", gpus=8, tpot_budget_ms=3)
+    tight = planner.best_config("llama-2-7b", "h100-sxm", gpus=8, tpot_budget_ms=5)
     assert tight.batch < best.batch  # a tighter latency budget forces a smaller batch
     assert planner.best_config("llama-2-7b", "h100-sxm", gpus=8, tpot_budget_ms=0.01) is None
+    assert isinstance(table, pd.DataFrame)

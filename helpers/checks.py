@@ -1,0 +1,73 @@
+"""Input checks shared by every public entry point: one line per error, naming the fix.
+
+Each check returns the cleaned value (an int, a canonical name, a `torch.device`), so a caller
+writes `batch = checks.whole("batch", batch)` and moves on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+def whole(name: str, value, minimum: int = 1) -> int:
+    """`value` as an int ≥ `minimum`; floats with a fraction, bools and strings are refused."""
+    ok_type = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        value, ok_type = int(value), True
+    if not ok_type:
+        raise TypeError(f"{name} must be a whole number, got {value!r}: pass e.g. {name}={minimum}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def positive(name: str, value, allow_zero: bool = False) -> float:
+    """`value` as a finite float > 0 (or ≥ 0 with `allow_zero`)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'≥' if allow_zero else '>'} 0, got {value}")
+    return float(value)
+
+
+def choice(name: str, value, allowed: Iterable[str]) -> str:
+    """The allowed label equal to `value` ignoring case and surrounding spaces ("A100" = "a100")."""
+    allowed = list(allowed)
+    if isinstance(value, str):
+        by_key = {a.lower(): a for a in allowed}
+        found = by_key.get(value.strip().lower())
+        if found is not None:
+            return found
+    raise ValueError(f"Unknown {name} {value!r}; use one of {sorted(allowed)}")
+
+
+def names(name: str, values, allowed: Iterable[str]) -> tuple[str, ...]:
+    """A collection of labels; a lone string is refused (it would be iterated letter by letter)."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a list of names, e.g. {name}=({values!r},), not a string")
+    return tuple(choice(name, v, allowed) for v in values)
+
+
+def device(value) -> torch.device:
+    """A `torch.device` from a device or its name ('cpu', 'cuda', 'cuda:1', 'mps')."""
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, str):
+        try:
+            return torch.device(value.strip().lower())
+        except RuntimeError:
+            pass
+    raise ValueError(f"Unknown device {value!r}; pass a torch.device or 'cpu', 'cuda', 'mps'")
+
+
+def finite(name: str, tensor: torch.Tensor, fix: str = "") -> torch.Tensor:
+    """`tensor` unchanged if every value is finite; else say how many NaN/inf it holds."""
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        count = int(bad.sum())
+        hint = f": {fix}" if fix else ""
+        raise ValueError(f"{name} holds {count} NaN/inf value(s) of {tensor.numel()}{hint}")
+    return tensor

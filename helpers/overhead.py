@@ -1,0 +1,129 @@
+"""The third limit: fixed costs that do not shrink with the work (dispatch, launches, Python).
+
+Bandwidth and arithmetic bound a step from below by its bytes and FLOPs. Overhead is what a step
+costs even when it moves almost nothing: every operation is dispatched by Python and the framework
+and (on a GPU) launched as a kernel. We measure it three ways:
+
+* `op_overhead`: one tiny operation, many times (on CUDA: asynchronous launches, and a launch
+  followed by a synchronise);
+* `step_overhead`: one decode step of a Llama with the real number of layers but tiny widths, so
+  bytes and FLOPs are ≈ 0 and what is left is the per-step and per-layer cost;
+* `linear_rates`: the FLOP/s that decode-shaped (skinny) matrix products reach at each batch,
+  which is far below a square matmul's peak at small batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from helpers import checks
+from helpers.bench import measure, synchronize
+from helpers.decode import greedy_decode
+from helpers.models import llama_from_config
+
+
+@dataclass(frozen=True)
+class LineFit:
+    """time ≈ intercept + slope · x, from least squares."""
+
+    intercept: float
+    slope: float
+
+    def __call__(self, x):
+        return self.intercept + self.slope * np.asarray(x, dtype=float)
+
+
+def fit_line(x, y) -> LineFit:
+    """Least-squares line through (x, y); needs two distinct x values."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(set(x.tolist())) < 2:
+        raise ValueError("fit_line needs measurements at two or more different x values")
+    slope, intercept = np.polyfit(x, y, 1)
+    return LineFit(float(intercept), float(slope))
+
+
+def op_overhead(device, repeats: int = 7, ops: int = 200) -> pd.DataFrame:
+    """Seconds per tiny operation: back to back, and (on CUDA) each followed by a synchronise."""
+    device = checks.device(device)
+    x = torch.zeros(1, device=device)
+
+    def many():
+        for _ in range(ops):
+            x.add_(1.0)
+
+    def one_and_sync():
+        x.add_(1.0)
+        synchronize(device)
+
+    rows = [measure(many, name="tiny op, back to back", repeats=repeats, device=device)]
+    if device.type == "cuda":
+        rows.append(measure(one_and_sync, name="launch + synchronize", repeats=repeats * 10))
+        scale = [ops, 1]
+    else:
+        scale = [ops]
+    return pd.DataFrame(
+        [t.row(seconds_per_op=t.median / n, q1_per_op=t.q1 / n, q3_per_op=t.q3 / n)
+         for t, n in zip(rows, scale, strict=True)]
+    )  # fmt: skip
+
+
+def tiny_llama(layers: int, device, dtype=torch.float32):
+    """A random Llama with `layers` layers and tiny widths: its step is almost pure overhead."""
+    return llama_from_config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, dtype=dtype, device=device,
+    )  # fmt: skip
+
+
+def step_times(model, batch: int = 1, steps: int = 24, compiled: bool = False) -> dict:
+    """Median and quartiles of one decode step of `model`, and how long compiling took."""
+    param = next(model.parameters())
+    ids = torch.zeros(batch, 4, dtype=torch.long, device=param.device)
+    greedy_decode(model, ids, 4, compiled=compiled)  # warm-up (and compile, if asked)
+    gen = greedy_decode(model, ids, steps, compiled=compiled)
+    first = greedy_decode(model, ids, 2, compiled=compiled) if compiled else None
+    row = gen.row()
+    return {
+        "step_s": row["tpot_s"], "q1_s": row["tpot_q1_s"], "q3_s": row["tpot_q3_s"],
+        "mode": gen.mode, "reused_setup_s": first.setup_s if first else 0.0,
+    }  # fmt: skip
+
+
+def step_overhead(device, layer_counts=(1, 8, 16, 30), dtype=torch.float32) -> pd.DataFrame:
+    """Eager decode-step time of tiny-width Llamas with each layer count (bytes, FLOPs ≈ 0)."""
+    device = checks.device(device)
+    rows = []
+    for layers in layer_counts:
+        times = step_times(tiny_llama(layers, device, dtype))
+        rows.append({"layers": layers, **times})
+    return pd.DataFrame(rows)
+
+
+def linear_rates(
+    device, dtype=torch.float32, batches=(1, 2, 4, 8, 16, 32, 64), width: int = 1024,
+    total_bytes: float = 128e6, repeats: int = 5,
+) -> pd.DataFrame:  # fmt: skip
+    """FLOP/s of decode-shaped products: `batch` rows times square weights of `width`, over
+    enough distinct weights (`total_bytes`) that they stream from memory as a model's do."""
+    device = checks.device(device)
+    itemsize = torch.finfo(dtype).bits // 8
+    count = max(2, int(total_bytes // (width * width * itemsize)))
+    weights = [torch.randn(width, width, device=device, dtype=dtype) for _ in range(count)]
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, width, device=device, dtype=dtype)
+
+        def run(x=x):
+            for w in weights:
+                F.linear(x, w)
+
+        t = measure(run, repeats=repeats, device=device)
+        flops = 2 * batch * width * width * count
+        rows.append(t.row(batch=batch, flops=flops, weight_bytes=count * width * width * itemsize,
+                          flops_per_s=flops / t.median))  # fmt: skip
+    return pd.DataFrame(rows)
