@@ -7,15 +7,20 @@ writes `batch = checks.whole("batch", batch)` and moves on.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 
 
 def whole(name: str, value, minimum: int = 1) -> int:
-    """`value` as an int ≥ `minimum`; floats with a fraction, bools and strings are refused."""
-    ok_type = isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(value, float) and value.is_integer():
+    """`value` as an int ≥ `minimum`; floats with a fraction, bools and strings are refused.
+
+    NumPy integers (e.g. a value read from a DataFrame) count as whole numbers."""
+    ok_type = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok_type:
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():
         value, ok_type = int(value), True
     if not ok_type:
         raise TypeError(f"{name} must be a whole number, got {value!r}: pass e.g. {name}={minimum}")
@@ -26,7 +31,7 @@ def whole(name: str, value, minimum: int = 1) -> int:
 
 def positive(name: str, value, allow_zero: bool = False) -> float:
     """`value` as a finite float > 0 (or ≥ 0 with `allow_zero`)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'≥' if allow_zero else '>'} 0, got {value}")

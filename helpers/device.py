@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from helpers import checks
+
 DEVICE_ENV = "COURSE_DEVICE"
 PRESET_ENV = "COURSE_PRESET"
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -31,6 +33,8 @@ def _mps_known_good() -> bool:
 
 def pick_device(name: str | None = None) -> torch.device:
     """cuda → mps (where known correct) → cpu; `name` or $COURSE_DEVICE overrides."""
+    if isinstance(name, torch.device):
+        name = str(name)
     name = (name or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
     kind = name.split(":")[0]
     if kind not in DEVICE_CHOICES:
@@ -54,14 +58,19 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device(name)
 
 
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from itself or its name ('bf16', 'FP16', 'float32'), whatever the device."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        return DTYPES[dtype.strip().lower()]
+    raise ValueError(f"Unknown dtype {dtype!r}; use one of fp32, fp16, bf16 (or a torch dtype).")
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """Turn 'bf16'/'fp16'/'fp32' into a torch dtype, refusing ones the device cannot run."""
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif dtype.lower() in DTYPES:
-        resolved = DTYPES[dtype.lower()]
-    else:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of fp32, fp16, bf16.")
+    device = checks.device(device)
+    resolved = to_dtype(dtype)
     if resolved not in supported_dtypes(device):
         raise ValueError(
             f"{resolved} is not supported on {device}: use one of "
@@ -70,7 +79,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return resolved
 
 
-def supported_dtypes(device: torch.device) -> list[torch.dtype]:
+def supported_dtypes(device: torch.device | str) -> list[torch.dtype]:
+    device = checks.device(device)
     if device.type == "cuda":
         out = [torch.float32, torch.float16]
         if torch.cuda.is_bf16_supported(including_emulation=False):
@@ -83,6 +93,7 @@ def supported_dtypes(device: torch.device) -> list[torch.dtype]:
 
 def serving_dtype(device: torch.device) -> torch.dtype:
     """The precision the course serves models in: fp32 on CPU, bf16 on GPUs with bf16, else fp16."""
+    device = checks.device(device)
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if torch.bfloat16 in supported_dtypes(device) else torch.float16
@@ -90,6 +101,7 @@ def serving_dtype(device: torch.device) -> torch.dtype:
 
 def dtype_note(dtype: torch.dtype, device: torch.device) -> str:
     """Why a dtype may be slow here, in words (empty when it runs natively)."""
+    device = checks.device(device)
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         cap = torch.backends.cpu.get_cpu_capability()
         if dtype == torch.bfloat16 and "AMX" not in cap and not _cpu_has("avx512_bf16"):
@@ -120,7 +132,7 @@ def _cpu_name() -> str:
 
 def describe(device: torch.device | None = None) -> dict[str, str]:
     """The facts a result depends on: hardware, memory and library versions."""
-    device = device or pick_device()
+    device = pick_device() if device is None else checks.device(device)
     info = {
         "device": str(device),
         "cpu": _cpu_name(),
@@ -151,7 +163,8 @@ def describe(device: torch.device | None = None) -> dict[str, str]:
     return info
 
 
-def device_kind(device: torch.device) -> str:
+def device_kind(device: torch.device | str) -> str:
+    device = checks.device(device)
     if device.type == "cuda":
         return "multi-gpu" if torch.cuda.device_count() > 1 else "gpu"
     return "cpu"  # MPS laptops get the CPU-sized preset
@@ -180,7 +193,6 @@ PRESETS = {
 
 def preset(device: torch.device | None = None, override: str | None = None) -> Preset:
     """The preset for this device; `override` or $COURSE_PRESET picks another by name."""
-    name = override or os.environ.get(PRESET_ENV) or device_kind(device or pick_device())
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}; use one of {sorted(PRESETS)}.")
-    return PRESETS[name]
+    device = pick_device() if device is None else checks.device(device)
+    name = override or os.environ.get(PRESET_ENV) or device_kind(device)
+    return PRESETS[checks.choice("preset", name, PRESETS)]

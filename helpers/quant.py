@@ -15,32 +15,61 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from helpers import checks
 from helpers.memory import release_freed_memory
 
 # --- Quantizers, written out -----------------------------------------------------------------
 
 
+GRANULARITIES = ("tensor", "channel", "group")
+MAX_BITS = 16
+
+
+def _matrix(w) -> torch.Tensor:
+    """`w` checked: a non-empty 2-D floating-point tensor with no NaN or inf."""
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError(
+            f"w must be a non-empty 2-D (rows, columns) matrix, got shape {tuple(w.shape)}: "
+            "reshape it first, e.g. w.reshape(1, -1) for a vector or w.reshape(-1, w.shape[-1])"
+        )
+    return checks.finite("w", w, "a NaN or inf would turn its whole group's scale into NaN")
+
+
 def _groups(w: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
     """View a (rows, cols) matrix as (rows', groups, size): one scale per group."""
-    rows, cols = w.shape
+    rows, cols = _matrix(w).shape
+    granularity = checks.choice("granularity", granularity, GRANULARITIES)
     if granularity == "tensor":
         return w.reshape(1, 1, -1)
     if granularity == "channel":  # one scale per output row
         return w.reshape(rows, 1, cols)
-    if granularity == "group":
-        if cols % group_size:
-            raise ValueError(f"group_size {group_size} must divide the {cols} columns")
-        return w.reshape(rows, cols // group_size, group_size)
-    raise ValueError(f"granularity must be tensor, channel or group, not {granularity!r}")
+    group_size = checks.whole("group_size", group_size)
+    if cols % group_size:
+        divisors = [d for d in (16, 32, 64, 128, 256) if cols % d == 0] or [cols]
+        raise ValueError(
+            f"group_size {group_size} does not divide the {cols} columns; use e.g. {divisors}"
+        )
+    return w.reshape(rows, cols // group_size, group_size)
 
 
-def quantize(w, bits=8, granularity="channel", group_size=64, symmetric=True):
+def quantize(w, bits=8, granularity=None, group_size=None, symmetric=True):
     """Integers q and the (scale, zero) that map them back: w ≈ (q − zero) · scale.
 
     Symmetric (absmax): zero = 0, scale = max|w| / (2^(bits−1) − 1), q in [−qmax, qmax].
     Asymmetric (zero-point): the range [min, max] maps onto [0, 2^bits − 1].
+    `granularity` is 'tensor', 'channel' (one scale per row, the default) or 'group' (one per
+    `group_size` columns of a row, default 64); a `group_size` given alone means 'group', and
+    'tensor' or 'channel' ignore it.
     """
-    g = _groups(w.float(), granularity, group_size)
+    if granularity is None:
+        granularity = "channel" if group_size is None else "group"
+    lowest = 2 if symmetric else 1  # symmetric 1-bit has no level but zero: every scale is ∞
+    bits = checks.whole("bits", bits, minimum=lowest)
+    if bits > MAX_BITS:
+        raise ValueError(f"bits must be between {lowest} and {MAX_BITS}, got {bits}")
+    g = _groups(w, granularity, 64 if group_size is None else group_size).float()
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
@@ -234,8 +263,8 @@ def load_backend(name: str, load: Callable, device: torch.device):
 
     `load(dtype, **from_pretrained_kwargs)` returns a fresh copy of the model on `device`.
     """
-    if name not in BACKENDS:
-        raise ValueError(f"Unknown backend {name!r}; choose from {list(BACKENDS)}")
+    name = checks.choice("backend", name, BACKENDS)
+    device = checks.device(device)
     reason = BACKENDS[name].why_unsupported(device)
     if reason:
         return None, f"unsupported here: {reason}"
@@ -284,7 +313,20 @@ def serialized_bytes(model: torch.nn.Module) -> int:
 
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, window: int = 256) -> float:
-    """exp(mean negative log-likelihood of each next token), over non-overlapping windows."""
+    """exp(mean negative log-likelihood of each next token), over non-overlapping windows.
+
+    `ids`: one sequence of token ids, shaped (n,) or (1, n) as a tokenizer returns it.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"ids must be a tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() < 2:
+        raise ValueError(
+            f"ids must be one sequence of at least 2 tokens, shaped (n,) or (1, n); got shape "
+            f"{tuple(ids.shape)}: score several texts one at a time"
+        )
+    window = checks.whole("window", window)
     total, count = 0.0, 0
     for start in range(0, ids.numel() - 1, window):
         chunk = ids[start : start + window + 1].unsqueeze(0)
@@ -293,11 +335,23 @@ def perplexity(model, ids: torch.Tensor, window: int = 256) -> float:
         logits = model(input_ids=chunk[:, :-1]).logits.float()
         total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
         count += chunk.shape[1] - 1
+    if not math.isfinite(total):
+        raise ValueError(
+            "the model's logits hold NaN or inf, so perplexity is undefined: check the weights "
+            "(e.g. checks.finite on each parameter) and the precision (fp16 can overflow)"
+        )
     return math.exp(total / count)
 
 
 def agreement_and_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
     """Top-1 agreement and mean KL(reference ‖ other) over positions, in nats."""
+    if reference_logits.shape != logits.shape:
+        raise ValueError(
+            f"the two logits differ in shape: {tuple(reference_logits.shape)} vs "
+            f"{tuple(logits.shape)}; compare the same tokens from the two models"
+        )
+    checks.finite("reference_logits", reference_logits)
+    checks.finite("logits", logits, "the quantized model produced NaN/inf")
     ref = F.log_softmax(reference_logits.float(), -1)
     other = F.log_softmax(logits.float(), -1)
     agree = (ref.argmax(-1) == other.argmax(-1)).float().mean().item()

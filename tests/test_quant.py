@@ -113,5 +113,7 @@ def test_agreement_and_kl():
 def test_unsupported_backends_say_why():
     model, note = quant.load_backend("nf4 (bitsandbytes)", None, torch.device("cpu"))
     assert model is None and note == "unsupported here: bitsandbytes needs a CUDA GPU"
-    with pytest.raises(ValueError, match="choose from"):
+    with pytest.raises(ValueError, match=r"Unknown backend 'int3'; use one of \[.*'bf16'"):
         quant.load_backend("int3", None, torch.device("cpu"))
+    model, note = quant.load_backend("NF4 (bitsandbytes)", None, "cpu")  # any case, a device name
+    assert model is None and "CUDA" in note
