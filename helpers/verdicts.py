@@ -1,0 +1,190 @@
+"""Claim → evidence → rule → verdict tables, with the verdict computed from this run's numbers.
+
+Each rule function takes numbers and returns a `Decision`: the verdict and the rule that decided
+it, threshold included, so no verdict is a fixed string. `table(rows)` shows every row in full
+(wrapped, never truncated) in the notebook and in nbconvert's HTML. A notebook's last cell:
+
+    rows = [
+        verdicts.row("Batch-1 decode is memory-bound", f"intensity {i:.2f} vs ridge {r:.0f} FLOP/B",
+                     verdicts.at_most("intensity", i, r, "FLOP/B")),
+        verdicts.row("TP 2 lowers latency", f"{tp2:.1f} vs {tp1:.1f} ms",
+                     verdicts.compare("TP 2", tp2, (q1_2, q3_2), "TP 1", tp1, (q1_1, q3_1))),
+    ]
+    verdicts.table(rows)
+"""
+
+from __future__ import annotations
+
+import html
+import textwrap
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import pandas as pd
+
+HOLDS = "holds"
+FAILS = "does not hold"
+NOISE = "within noise"
+NOT_MEASURED = "not measured here"
+COLUMNS = ["claim", "evidence (this run)", "rule", "verdict"]
+# the rows travel in the output's metadata too, so a script can collect an executed notebook's
+# verdicts (tools/gpu_notebooks.py) without parsing HTML
+METADATA_KEY = "llm_serving_course/verdicts"
+# Inline, so neither JupyterLab's nor nbconvert's stylesheet can clip, right-align or truncate.
+_CELL_STYLE = "white-space:normal;text-align:left;vertical-align:top;padding:4px 8px"
+_COLOURS = {HOLDS: "#d8f0d8", FAILS: "#f6d5d5", NOISE: "#ececec", NOT_MEASURED: "#ececec"}
+
+
+class Decision(NamedTuple):
+    verdict: str
+    rule: str
+
+
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _missing(*values: float | None) -> bool:
+    """None or NaN (of any float type: NaN is the one value unequal to itself)."""
+    return any(v is None or v != v for v in values)
+
+
+def compare(
+    name_a: str,
+    a: float,
+    spread_a: tuple[float, float] | None,
+    name_b: str,
+    b: float,
+    spread_b: tuple[float, float] | None,
+    claim: str = "lower",
+    rel_tol: float = 0.05,
+) -> Decision:
+    """Is `a` lower (claim='lower') or higher (claim='higher') than `b`?
+
+    With a spread (e.g. the quartiles (q1, q3)) for either side, a difference whose ranges
+    overlap is "within noise" (a side without a spread counts as a point). With no spread at all,
+    a difference below `rel_tol` of the larger magnitude is "within noise".
+    """
+    if claim not in ("lower", "higher"):
+        raise ValueError(f"claim must be 'lower' or 'higher', got {claim!r}")
+    sign = "<" if claim == "lower" else ">"
+    if spread_a is None and spread_b is None:
+        rule = (
+            f"{name_a} {sign} {name_b} by more than {rel_tol:.0%} "
+            f"(one number each, no spread: a smaller gap is within noise)"
+        )
+        noisy = abs(a - b) <= rel_tol * max(abs(a), abs(b))
+    else:
+        lo_a, hi_a = spread_a or (a, a)
+        lo_b, hi_b = spread_b or (b, b)
+        rule = (
+            f"{name_a} {sign} {name_b}, their spreads [{_g(lo_a)}, {_g(hi_a)}] and "
+            f"[{_g(lo_b)}, {_g(hi_b)}] apart (overlapping: within noise)"
+        )
+        noisy = lo_a <= hi_b and lo_b <= hi_a
+    if _missing(a, b):
+        return Decision(NOT_MEASURED, rule)
+    if noisy:
+        return Decision(NOISE, rule)
+    return Decision(HOLDS if (a < b) == (claim == "lower") else FAILS, rule)
+
+
+def at_most(name: str, value: float, limit: float, unit: str = "") -> Decision:
+    """Does `value` stay at or below `limit`?"""
+    rule = f"{name} ≤ {_g(limit)}{' ' + unit if unit else ''}"
+    if _missing(value, limit):
+        return Decision(NOT_MEASURED, rule)
+    return Decision(HOLDS if value <= limit else FAILS, rule)
+
+
+def at_least(name: str, value: float, limit: float, unit: str = "") -> Decision:
+    """Does `value` reach at least `limit`?"""
+    rule = f"{name} ≥ {_g(limit)}{' ' + unit if unit else ''}"
+    if _missing(value, limit):
+        return Decision(NOT_MEASURED, rule)
+    return Decision(HOLDS if value >= limit else FAILS, rule)
+
+
+def close_to(name: str, value: float, target: float, rel_tol: float) -> Decision:
+    """Is `value` within `rel_tol` of `target` (a prediction checked against a measurement)?"""
+    band = f"[{1 - rel_tol:.2f}, {1 + rel_tol:.2f}]"
+    rule = f"{name} within {rel_tol:.0%} of {_g(target)} (its ratio to it in {band})"
+    if _missing(value, target) or target == 0:
+        return Decision(NOT_MEASURED, rule)
+    return Decision(HOLDS if abs(value / target - 1) <= rel_tol else FAILS, rule)
+
+
+def monotonic(
+    name: str, values: Sequence[float], decreasing: bool = True, rel_tol: float = 0.05
+) -> Decision:
+    """Does `values` fall (or rise) at every step? A step the other way smaller than `rel_tol`
+    of the previous value is tolerated; a total change below `rel_tol` is "within noise"."""
+    way = "falls" if decreasing else "rises"
+    rule = (
+        f"{name} {way} at every step (a step back under {rel_tol:.0%} tolerated; "
+        f"a total change under {rel_tol:.0%} is within noise)"
+    )
+    values = list(values)
+    if len(values) < 2 or _missing(*values):
+        return Decision(NOT_MEASURED, rule)
+    sign = -1 if decreasing else 1
+    first, last = values[0], values[-1]
+    if abs(last - first) <= rel_tol * abs(first):
+        return Decision(NOISE, rule)
+    backwards = any(
+        sign * (nxt - prev) < -rel_tol * abs(prev)
+        for prev, nxt in zip(values, values[1:], strict=False)
+    )
+    return Decision(FAILS if backwards or sign * (last - first) < 0 else HOLDS, rule)
+
+
+def row(claim: str, evidence: str, decision: Decision | tuple[str, str]) -> dict[str, str]:
+    """One table row: the claim, this run's numbers (formatted by the caller), rule and verdict."""
+    verdict, rule = decision
+    return dict(zip(COLUMNS, (claim, evidence, rule, verdict), strict=True))
+
+
+class VerdictTable:
+    """A verdict table that shows every character: wrapped HTML in notebooks and nbconvert,
+    wrapped plain text elsewhere. `frame` holds the rows as a DataFrame (for checks and CSV)."""
+
+    def __init__(self, rows: Sequence[dict[str, str] | Sequence[str]]):
+        records = [[r[c] for c in COLUMNS] if isinstance(r, dict) else list(r) for r in rows]
+        if any(len(r) != len(COLUMNS) for r in records):
+            raise ValueError(f"each row needs {len(COLUMNS)} fields: {', '.join(COLUMNS)}")
+        self.frame = pd.DataFrame(records, columns=COLUMNS)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        data = {"text/html": self._repr_html_(), "text/plain": repr(self)}
+        records = [{k: str(v) for k, v in r.items()} for r in self.frame.to_dict("records")]
+        return data, {"text/html": {METADATA_KEY: records}}
+
+    def _repr_html_(self) -> str:
+        cell = _CELL_STYLE
+        head = "".join(f'<th style="{cell}">{html.escape(c)}</th>' for c in COLUMNS)
+        body = []
+        for values in self.frame.itertuples(index=False):
+            tds = []
+            for column, value in zip(COLUMNS, values, strict=True):
+                style = cell
+                if column == "verdict":
+                    style += f";background:{_COLOURS.get(value, '#ffffff')};font-weight:bold"
+                tds.append(f'<td style="{style}">{html.escape(str(value))}</td>')
+            body.append(f"<tr>{''.join(tds)}</tr>")
+        return (
+            '<table class="verdicts" style="table-layout:auto;width:100%;max-width:none">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        )
+
+    def __repr__(self) -> str:
+        lines = []
+        for values in self.frame.itertuples(index=False):
+            for column, value in zip(COLUMNS, values, strict=True):
+                lines += textwrap.wrap(f"{column}: {value}", width=100, subsequent_indent="    ")
+            lines.append("")
+        return "\n".join(lines).rstrip()
+
+
+def table(rows: Sequence[dict[str, str] | Sequence[str]]) -> VerdictTable:
+    """Display `rows` (from `row`, or 4-tuples claim, evidence, rule, verdict) in full."""
+    return VerdictTable(rows)
