@@ -4,6 +4,7 @@ The teaching code lives in the notebooks; this package holds what every notebook
 (device choice, timing, memory readings, ceilings, model loading, plots).
 """
 
+import os
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -12,10 +13,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 BUILD_DIR = REPO_ROOT / "build"
 
+if os.environ.get("COURSE_QUIET") == "1":  # a child of a quieted process: quiet it too (noise.py)
+    from helpers import noise
+
+    noise.quiet()
+
 
 def setup_notebook() -> None:
     """Silence known library noise in one place and apply the course's plot style."""
-    from helpers import noise, plots
+    from helpers import noise
 
-    noise.quiet()
+    noise.quiet()  # before anything imports torchao or torch (helpers.plots does, via roofline)
+    from helpers import plots
+
     plots.use_style()
