@@ -84,14 +84,10 @@ def step_times(model, batch: int = 1, steps: int = 24, compiled: bool = False) -
     """Median and quartiles of one decode step of `model`, and how long compiling took."""
     param = next(model.parameters())
     ids = torch.zeros(batch, 4, dtype=torch.long, device=param.device)
-    greedy_decode(model, ids, 4, compiled=compiled)  # warm-up (and compile, if asked)
-    gen = greedy_decode(model, ids, steps, compiled=compiled)
-    first = greedy_decode(model, ids, 2, compiled=compiled) if compiled else None
-    row = gen.row()
-    return {
-        "step_s": row["tpot_s"], "q1_s": row["tpot_q1_s"], "q3_s": row["tpot_q3_s"],
-        "mode": gen.mode, "reused_setup_s": first.setup_s if first else 0.0,
-    }  # fmt: skip
+    warm = greedy_decode(model, ids, steps, compiled=compiled)  # warm-up (and compile, if asked)
+    row = greedy_decode(model, ids, steps, compiled=compiled).row()
+    return {"step_s": row["tpot_s"], "q1_s": row["tpot_q1_s"], "q3_s": row["tpot_q3_s"],
+            "mode": row["mode"], "setup_s": warm.setup_s}  # fmt: skip
 
 
 def step_overhead(device, layer_counts=(1, 8, 16, 30), dtype=torch.float32) -> pd.DataFrame:
@@ -126,4 +122,38 @@ def linear_rates(
         flops = 2 * batch * width * width * count
         rows.append(t.row(batch=batch, flops=flops, weight_bytes=count * width * width * itemsize,
                           flops_per_s=flops / t.median))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def work_sweep(
+    device, dtype=torch.float32, bandwidth: float = 1.0, peak_flops: float = 1.0,
+    shapes=((1, 16), (1, 64), (1, 256), (1, 1024), (1, 4096), (256, 1024), (1024, 1024),
+            (2048, 2048)),
+    total_bytes: float = 128e6, repeats: int = 5,
+) -> pd.DataFrame:  # fmt: skip
+    """One product `x (rows × n) · Wᵀ (n × n)` per shape, from tiny to large, timed per product.
+
+    Each row gives the product's bytes and FLOPs, its first-principles time
+    max(bytes ÷ `bandwidth`, FLOPs ÷ `peak_flops`) and the measured time. Matrix-vector shapes
+    cycle through distinct copies of the weight, so they stream from memory, not from cache."""
+    device = checks.device(device)
+    itemsize = torch.finfo(dtype).bits // 8
+    rows = []
+    for m, n in shapes:
+        streaming = m == 1  # only matrix-vector products need copies to defeat the cache
+        count = int(min(64, max(1, total_bytes // (n * n * itemsize)))) if streaming else 1
+        weights = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(count)]
+        x = torch.randn(m, n, device=device, dtype=dtype)
+
+        def run(x=x, weights=weights):
+            for w in weights:
+                F.linear(x, w)
+
+        t = measure(run, repeats=repeats, device=device)
+        nbytes, flops = (2 * m * n + n * n) * itemsize, 2 * m * n * n
+        rows.append({"rows": m, "n": n, "bytes": nbytes, "flops": flops,
+                     "memory_s": nbytes / bandwidth, "compute_s": flops / peak_flops,
+                     "measured_s": t.median / count, "q1_s": t.q1 / count,
+                     "q3_s": t.q3 / count})  # fmt: skip
+        del weights
     return pd.DataFrame(rows)

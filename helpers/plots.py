@@ -63,3 +63,31 @@ def roofline(
     ax.set_title(f"Roofline of this machine ({ceilings.device}), measured")
     ax.legend(fontsize=8, loc="lower right")
     return ax
+
+
+def three_limits(sweep, overhead_s: float, ax: plt.Axes | None = None) -> plt.Axes:
+    """Measured time per operation against its first-principles time, coloured by which limit
+    the model says rules it: overhead, memory or compute (`helpers.overhead.work_sweep` rows)."""
+    ax = ax or plt.subplots()[1]
+    ideal = np.maximum(sweep.memory_s, sweep.compute_s)
+    regime = np.where(
+        overhead_s > ideal, "overhead", np.where(sweep.memory_s >= sweep.compute_s, "memory",
+                                                 "compute")
+    )  # fmt: skip
+    for name, marker in (("overhead", "s"), ("memory", "o"), ("compute", "^")):
+        sel = regime == name
+        ax.errorbar(ideal[sel], sweep.measured_s[sel], fmt=marker, ms=8, capsize=3,
+                    yerr=[sweep.measured_s[sel] - sweep.q1_s[sel],
+                          sweep.q3_s[sel] - sweep.measured_s[sel]],
+                    label=f"{name}-bound (predicted)")  # fmt: skip
+    for r, x in zip(sweep.itertuples(), ideal, strict=True):
+        ax.annotate(f"{r.rows}×{r.n}", (x, r.measured_s), xytext=(5, -10),
+                    textcoords="offset points", fontsize=7)  # fmt: skip
+    xs = np.logspace(np.log10(ideal.min() / 3), np.log10(ideal.max() * 3), 100)
+    ax.plot(xs, xs, ls=":", color="grey", label="bytes ÷ bandwidth or FLOPs ÷ peak")
+    ax.plot(xs, xs + overhead_s, color="black", lw=1,
+            label=f"+ overhead {overhead_s * 1e6:.1f} µs per op")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="first-principles time per product (s)",
+           ylabel="measured time per product (s)")  # fmt: skip
+    ax.legend(fontsize=8)
+    return ax

@@ -70,3 +70,21 @@ def test_describe_and_dtypes_on_gpu():
     assert "gpu" in device.describe(cuda)
     assert device.serving_dtype(cuda) in (torch.bfloat16, torch.float16)
     assert device.pick_device("auto").type == "cuda"
+
+
+def test_cuda_graph_decode_equals_eager(tiny_llama):
+    model = tiny_llama.to("cuda")
+    ids = torch.randint(0, 97, (2, 5), device="cuda")
+    eager = decode.greedy_decode(model, ids, 12)
+    graph = decode.greedy_decode(model, ids, 12, compiled=True)
+    assert graph.mode == "cuda graph"
+    assert torch.equal(eager.tokens, graph.tokens)
+    tiny_llama.to("cpu")
+
+
+def test_overhead_measurements_on_gpu():
+    from helpers import overhead
+
+    ops = overhead.op_overhead("cuda", repeats=3, ops=50)
+    assert list(ops.name) == ["tiny op, back to back", "launch + synchronize"]
+    assert (ops.seconds_per_op > 0).all()
