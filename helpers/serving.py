@@ -570,22 +570,35 @@ class StepModel:
 
 
 def fit_step_time(steps: pd.DataFrame) -> StepModel:
-    """Least-squares fit of a StepModel to a step log (`seqs`, `tokens`, `context`, `step_s`);
-    a term whose coefficient comes out negative is dropped (set to 0) and the rest refitted."""
+    """Least-squares fit of a StepModel to a step log (`seqs`, `tokens`, `context`, `step_s`).
+
+    A term whose coefficient comes out negative is dropped (set to 0) and the rest refitted. Steps
+    more than 3 median deviations from a first fit (a burst from another program on a shared
+    machine) are left out of the second."""
     x = np.column_stack([np.ones(len(steps)), steps.seqs, steps.tokens, steps.context])
     y = steps.step_s.to_numpy(dtype=float)
     if np.linalg.matrix_rank(x) < 4:
         raise ValueError("the step log does not vary seqs, tokens and context enough to fit: "
                          "measure steps with several batch sizes and prompt lengths")  # fmt: skip
-    keep = [0, 1, 2, 3]
-    while True:
-        coef = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
-        if (coef >= 0).all():
-            break
-        keep.pop(int(np.argmin(coef)))
-    full = np.zeros(4)
-    full[keep] = coef
-    return StepModel(*map(float, full))
+
+    def fit(rows):
+        keep = [0, 1, 2, 3]
+        while True:
+            coef = np.linalg.lstsq(x[rows][:, keep], y[rows], rcond=None)[0]
+            if (coef >= 0).all():
+                break
+            keep.pop(int(np.argmin(coef)))
+        full = np.zeros(4)
+        full[keep] = coef
+        return full
+
+    coef = fit(np.ones(len(y), dtype=bool))
+    deviation = np.abs(y / np.maximum(x @ coef, 1e-12) - 1)
+    typical = np.median(deviation)
+    calm = deviation <= 3 * typical if typical > 0 else np.ones(len(y), dtype=bool)
+    if typical > 0 and np.linalg.matrix_rank(x[calm]) == 4:
+        coef = fit(calm)
+    return StepModel(*map(float, coef))
 
 
 def planner_step_time(model, gpu, dtype: str = "bf16", tp: int = 1) -> Callable[[Step], float]:
