@@ -70,6 +70,8 @@ def device(value) -> torch.device:
 
 def finite(name: str, tensor: torch.Tensor, fix: str = "") -> torch.Tensor:
     """`tensor` unchanged if every value is finite; else say how many NaN/inf it holds."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return tensor  # a NaN or inf anywhere makes the sum NaN or inf: one cheap pass
     bad = ~torch.isfinite(tensor)
     if bad.any():
         count = int(bad.sum())
