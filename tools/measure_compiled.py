@@ -33,7 +33,7 @@ def rows_for(model, name: str, source: str, batches, dev, bandwidth: float) -> l
         ids = torch.randint(100, 10_000, (batch, 16), device=dev)
         for compiled in (False, True):
             try:
-                warm = greedy_decode(model, ids, 8, compiled=compiled, all_logits=False)
+                warm = greedy_decode(model, ids, 64, compiled=compiled, all_logits=False)
                 gen = greedy_decode(model, ids, 64, compiled=compiled, all_logits=False)
             except torch.OutOfMemoryError:
                 rows.append({"model": name, "batch": batch, "compiled": compiled, "oom": True})
