@@ -111,6 +111,11 @@ def dtype_note(dtype: torch.dtype, device: torch.device) -> str:
     return ""
 
 
+def cpu_has_int8_dot_product() -> bool:
+    """AVX512-VNNI, AVX-VNNI or AMX: what CPU int8 matmul kernels (torch._int_mm) rely on."""
+    return any(_cpu_has(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def _cpu_has(flag: str) -> bool:
     try:
         with open("/proc/cpuinfo") as f:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import checks
+from helpers.device import cpu_has_int8_dot_product
 from helpers.memory import release_freed_memory
 
 # --- Quantizers, written out -----------------------------------------------------------------
@@ -181,6 +182,15 @@ def _torchao(dev):
     return ""
 
 
+def _torchao_int8_dynamic(dev):
+    if dev.type == "cpu" and not cpu_has_int8_dot_product():
+        return (
+            "this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), so "
+            "torch._int_mm falls back to a reference loop that takes minutes per forward pass"
+        )
+    return _torchao(dev)
+
+
 def _torchao_int4(dev):
     if dev.type != "cuda":
         return "torchao's int4 weight-only kernels need CUDA (use int4 weight-only (PyTorch op))"
@@ -243,7 +253,7 @@ BACKENDS = {
                 lambda load: replace_linears(load(torch.bfloat16), Int4WeightOnlyLinear)),
         Backend("int8 weight-only (torchao)", "int8, per channel", _torchao,
                 _apply_torchao("Int8WeightOnlyConfig")),
-        Backend("int8 dynamic (torchao)", "int8 weights and activations", _torchao,
+        Backend("int8 dynamic (torchao)", "int8 weights and activations", _torchao_int8_dynamic,
                 _apply_torchao("Int8DynamicActivationInt8WeightConfig")),
         Backend("int4 weight-only (torchao)", "int4, groups of 64", _torchao_int4,
                 _apply_torchao("Int4WeightOnlyConfig", group_size=64)),

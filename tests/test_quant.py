@@ -117,3 +117,13 @@ def test_unsupported_backends_say_why():
         quant.load_backend("int3", None, torch.device("cpu"))
     model, note = quant.load_backend("NF4 (bitsandbytes)", None, "cpu")  # any case, a device name
     assert model is None and "CUDA" in note
+
+
+def test_int8_dynamic_is_skipped_on_cpus_without_int8_dot_products(monkeypatch):
+    from helpers import quant
+
+    backend = quant.BACKENDS["int8 dynamic (torchao)"]
+    monkeypatch.setattr(quant, "cpu_has_int8_dot_product", lambda: False)
+    assert "VNNI" in backend.why_unsupported(torch.device("cpu"))
+    monkeypatch.setattr(quant, "cpu_has_int8_dot_product", lambda: True)
+    assert backend.why_unsupported(torch.device("cpu")) == quant._torchao(torch.device("cpu"))
