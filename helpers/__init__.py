@@ -20,10 +20,14 @@ if os.environ.get("COURSE_QUIET") == "1":  # a child of a quieted process: quiet
 
 
 def setup_notebook() -> None:
-    """Silence known library noise in one place and apply the course's plot style."""
+    """Silence known library noise in one place, apply the course's plot style, and show table
+    cells in full (pandas cuts text at 50 characters by default: verdicts and notes were cut)."""
     from helpers import noise
 
     noise.quiet()  # before anything imports torchao or torch (helpers.plots does, via roofline)
+    import pandas as pd
+
     from helpers import plots
 
+    pd.set_option("display.max_colwidth", None)
     plots.use_style()

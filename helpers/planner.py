@@ -282,10 +282,15 @@ def _streamed_weight_bytes(shape: Shape, dtype: str) -> float:
     return _linear_params(shape) * WEIGHT_BYTES[dtype]
 
 
+def _square_flops(spec: GPUSpec, dtype: str) -> float:
+    """FLOP/s of a large square matmul in `dtype` (fp32 at a quarter of 16-bit without TF32)."""
+    return (spec.fp32_flops or spec.flops / 4) if dtype == "fp32" else spec.flops
+
+
 def _matmul_rate(spec: GPUSpec, dtype: str, tokens: int) -> float:
     """FLOP/s of the weight matmuls when `tokens` rows go through at once: measured where this
     machine measured decode-shaped products (interpolated), else the square-matmul figure."""
-    square = (spec.fp32_flops or spec.flops / 4) if dtype == "fp32" else spec.flops
+    square = _square_flops(spec, dtype)
     if not spec.linear_flops:
         return square
     ms = sorted(int(m) for m in spec.linear_flops)
@@ -310,7 +315,7 @@ def step_time(shape, spec, dtype, tp, batch, tokens, context) -> dict[str, float
     kv_read = kv_cache_bytes(shape, batch, context, act) / tp
     matmul_flops = 2 * _linear_params(shape) * batch * tokens / tp
     attention_flops = 4 * shape.layers * batch * tokens * context * shape.heads * shape.head_dim
-    square = (spec.fp32_flops or spec.flops / 4) if dtype == "fp32" else spec.flops
+    square = _square_flops(spec, dtype)
     dequant = engine.dequant_flops.get(dtype, 0.0) * _linear_params(shape) / tp / spec.flops
     message = batch * tokens * shape.hidden * act
     matmul_rate = _matmul_rate(spec, dtype, batch * tokens)
@@ -435,7 +440,7 @@ def calibrate(measured, *, model, gpu, dtype: str) -> GPUSpec:
     )  # fmt: skip
     rates = {m: r / slope for m, r in spec.linear_flops.items()}
     return dataclasses.replace(spec, engine=engine, linear_flops=rates,
-                               fp32_flops=(spec.fp32_flops or spec.flops / 4) / slope,
+                               fp32_flops=_square_flops(spec, "fp32") / slope,
                                flops=spec.flops / slope)  # fmt: skip
 
 
