@@ -79,7 +79,7 @@ def compare(
         lo_b, hi_b = spread_b or (b, b)
         rule = (
             f"{name_a} {sign} {name_b}, their spreads [{_g(lo_a)}, {_g(hi_a)}] and "
-            f"[{_g(lo_b)}, {_g(hi_b)}] apart (overlapping: within noise)"
+            f"[{_g(lo_b)}, {_g(hi_b)}] apart (if they overlap: within noise)"
         )
         noisy = lo_a <= hi_b and lo_b <= hi_a
     if _missing(a, b):
