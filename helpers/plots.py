@@ -80,8 +80,9 @@ def three_limits(sweep, overhead_s: float, ax: plt.Axes | None = None) -> plt.Ax
                     yerr=[sweep.measured_s[sel] - sweep.q1_s[sel],
                           sweep.q3_s[sel] - sweep.measured_s[sel]],
                     label=f"{name}-bound (predicted)")  # fmt: skip
-    for r, x in zip(sweep.itertuples(), ideal, strict=True):
-        ax.annotate(f"{r.rows}×{r.n}", (x, r.measured_s), xytext=(5, -10),
+    for r, x, kind in zip(sweep.itertuples(), ideal, regime, strict=True):
+        below = kind != "compute"  # compute-bound labels go above: they share x with memory ones
+        ax.annotate(f"{r.rows}×{r.n}", (x, r.measured_s), xytext=(5, -10 if below else 6),
                     textcoords="offset points", fontsize=7)  # fmt: skip
     xs = np.logspace(np.log10(ideal.min() / 3), np.log10(ideal.max() * 3), 100)
     ax.plot(xs, xs, ls=":", color="grey", label="bytes ÷ bandwidth or FLOPs ÷ peak")
