@@ -1,6 +1,9 @@
 """Input checks shared by every public entry point: one line per error, naming the fix.
 
-Each check returns the cleaned value (an int, a canonical name, a `torch.device`), so a caller
+Plain Python (no torch), so the torch-free layer (`shapes`, `planner`) can use them; the checks
+of torch objects (a device, finite values) live in `helpers.device`.
+
+Each check returns the cleaned value (an int, a float, a canonical name), so a caller
 writes `batch = checks.whole("batch", batch)` and moves on.
 """
 
@@ -9,8 +12,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-
-import torch
 
 
 def whole(name: str, value, minimum: int = 1) -> int:
@@ -54,27 +55,3 @@ def names(name: str, values, allowed: Iterable[str]) -> tuple[str, ...]:
     if isinstance(values, str):
         raise TypeError(f"{name} must be a list of names, e.g. {name}=({values!r},), not a string")
     return tuple(choice(name, v, allowed) for v in values)
-
-
-def device(value) -> torch.device:
-    """A `torch.device` from a device or its name ('cpu', 'cuda', 'cuda:1', 'mps')."""
-    if isinstance(value, torch.device):
-        return value
-    if isinstance(value, str):
-        try:
-            return torch.device(value.strip().lower())
-        except RuntimeError:
-            pass
-    raise ValueError(f"Unknown device {value!r}; pass a torch.device or 'cpu', 'cuda', 'mps'")
-
-
-def finite(name: str, tensor: torch.Tensor, fix: str = "") -> torch.Tensor:
-    """`tensor` unchanged if every value is finite; else say how many NaN/inf it holds."""
-    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float32)):
-        return tensor  # a NaN or inf anywhere makes the sum NaN or inf: one cheap pass
-    bad = ~torch.isfinite(tensor)
-    if bad.any():
-        count = int(bad.sum())
-        hint = f": {fix}" if fix else ""
-        raise ValueError(f"{name} holds {count} NaN/inf value(s) of {tensor.numel()}{hint}")
-    return tensor

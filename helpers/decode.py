@@ -30,6 +30,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from helpers import checks
 from helpers.bench import measure, quartiles, synchronize
+from helpers.device import check_finite
+from helpers.shapes import Shape
 
 
 @dataclass
@@ -76,11 +78,10 @@ class KVCache:
     """Keys and values of every layer: (batch, kv_heads, max_len, head_dim) each, pre-allocated."""
 
     def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device) -> None:
-        self.head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
-        shape = (batch, config.num_key_value_heads, max_len, self.head_dim)
-        layers = config.num_hidden_layers
+        model_shape = Shape.of(config)
+        self.head_dim = model_shape.head_dim
+        shape = (batch, model_shape.kv_heads, max_len, self.head_dim)
+        layers = model_shape.layers
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.positions = torch.arange(max_len, device=device)  # for the decode step's mask
@@ -143,7 +144,7 @@ def forward(
 def prefill(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompt (positions 0…len-1) into the cache; return the first new token (batch, 1)."""
     logits = forward(model, input_ids, cache, 0, all_logits=False)[:, -1]
-    checks.finite(
+    check_finite(
         "the prompt's logits", logits, "a weight or the input holds NaN/inf; reload the model"
     )
     return logits.argmax(-1, keepdim=True)
@@ -291,7 +292,7 @@ def greedy_decode(
     start = clock()
     if all_logits:
         logits = forward(model, input_ids, cache, 0, all_logits=True)[:, -1]
-        token = checks.finite("the prompt's logits", logits).argmax(-1, keepdim=True)
+        token = check_finite("the prompt's logits", logits).argmax(-1, keepdim=True)
     else:
         token = prefill(model, input_ids, cache)
     synchronize(device)

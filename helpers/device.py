@@ -15,14 +15,9 @@ DEVICE_ENV = "COURSE_DEVICE"
 PRESET_ENV = "COURSE_PRESET"
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
+# The torch dtype of each floating-point precision name of `shapes.PRECISIONS` (and its alias).
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def _mps_known_good() -> bool:
@@ -60,16 +55,25 @@ def pick_device(name: str | None = None) -> torch.device:
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """A torch dtype from itself or its name ('bf16', 'FP16', 'float32'), whatever the device."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in TORCH_DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
-        return DTYPES[dtype.strip().lower()]
+    if isinstance(dtype, str):
+        name = dtype.strip().lower()
+        name = _ALIASES.get(name, name)
+        if name in TORCH_DTYPES:
+            return TORCH_DTYPES[name]
     raise ValueError(f"Unknown dtype {dtype!r}; use one of fp32, fp16, bf16 (or a torch dtype).")
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The course's short name of a floating-point dtype: torch.bfloat16 → 'bf16'."""
+    resolved = to_dtype(dtype)
+    return next(name for name, d in TORCH_DTYPES.items() if d == resolved)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """Turn 'bf16'/'fp16'/'fp32' into a torch dtype, refusing ones the device cannot run."""
-    device = checks.device(device)
+    device = as_device(device)
     resolved = to_dtype(dtype)
     if resolved not in supported_dtypes(device):
         raise ValueError(
@@ -80,7 +84,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def supported_dtypes(device: torch.device | str) -> list[torch.dtype]:
-    device = checks.device(device)
+    device = as_device(device)
     if device.type == "cuda":
         out = [torch.float32, torch.float16]
         if torch.cuda.is_bf16_supported(including_emulation=False):
@@ -93,7 +97,7 @@ def supported_dtypes(device: torch.device | str) -> list[torch.dtype]:
 
 def serving_dtype(device: torch.device) -> torch.dtype:
     """The precision the course serves models in: fp32 on CPU, bf16 on GPUs with bf16, else fp16."""
-    device = checks.device(device)
+    device = as_device(device)
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if torch.bfloat16 in supported_dtypes(device) else torch.float16
@@ -101,7 +105,7 @@ def serving_dtype(device: torch.device) -> torch.dtype:
 
 def dtype_note(dtype: torch.dtype, device: torch.device) -> str:
     """Why a dtype may be slow here, in words (empty when it runs natively)."""
-    device = checks.device(device)
+    device = as_device(device)
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         cap = torch.backends.cpu.get_cpu_capability()
         if dtype == torch.bfloat16 and "AMX" not in cap and not _cpu_has("avx512_bf16"):
@@ -137,7 +141,7 @@ def _cpu_name() -> str:
 
 def describe(device: torch.device | None = None) -> dict[str, str]:
     """The facts a result depends on: hardware, memory and library versions."""
-    device = pick_device() if device is None else checks.device(device)
+    device = pick_device() if device is None else as_device(device)
     info = {
         "device": str(device),
         "cpu": _cpu_name(),
@@ -169,7 +173,7 @@ def describe(device: torch.device | None = None) -> dict[str, str]:
 
 
 def device_kind(device: torch.device | str) -> str:
-    device = checks.device(device)
+    device = as_device(device)
     if device.type == "cuda":
         return "multi-gpu" if torch.cuda.device_count() > 1 else "gpu"
     return "cpu"  # MPS laptops get the CPU-sized preset
@@ -198,6 +202,30 @@ PRESETS = {
 
 def preset(device: torch.device | None = None, override: str | None = None) -> Preset:
     """The preset for this device; `override` or $COURSE_PRESET picks another by name."""
-    device = pick_device() if device is None else checks.device(device)
+    device = pick_device() if device is None else as_device(device)
     name = override or os.environ.get(PRESET_ENV) or device_kind(device)
     return PRESETS[checks.choice("preset", name, PRESETS)]
+
+
+def as_device(value) -> torch.device:
+    """A `torch.device` from a device or its name ('cpu', 'cuda', 'cuda:1', 'mps')."""
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, str):
+        try:
+            return torch.device(value.strip().lower())
+        except RuntimeError:
+            pass
+    raise ValueError(f"Unknown device {value!r}; pass a torch.device or 'cpu', 'cuda', 'mps'")
+
+
+def check_finite(name: str, tensor: torch.Tensor, fix: str = "") -> torch.Tensor:
+    """`tensor` unchanged if every value is finite; else say how many NaN/inf it holds."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return tensor  # a NaN or inf anywhere makes the sum NaN or inf: one cheap pass
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        count = int(bad.sum())
+        hint = f": {fix}" if fix else ""
+        raise ValueError(f"{name} holds {count} NaN/inf value(s) of {tensor.numel()}{hint}")
+    return tensor

@@ -29,7 +29,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from helpers import REPO_ROOT, checks
-from helpers.device import to_dtype
+from helpers.device import as_device, to_dtype
+from helpers.shapes import ARCHITECTURES
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,34 +51,6 @@ def offline_dir() -> Path:
 
 CACHE_DIR = cache_dir()  # as at import; the functions below read $COURSE_CACHE when called
 OFFLINE_DIR = offline_dir()
-
-# Published architectures (from each model's config.json on the hub).
-ARCHITECTURES = {
-    "smollm2-135m": dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-    ),
-    "llama-2-7b": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-    ),
-    "llama-2-13b": dict(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
-    ),
-    "llama-2-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
-    ),
-    "llama-3-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-    ),
-    "llama-3-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-    ),
-}  # fmt: skip
 
 
 class ModelUnavailableError(RuntimeError):
@@ -315,7 +288,7 @@ def load_smollm2(
     'bf16'. Extra keyword arguments go to `from_pretrained` (e.g. a quantization_config).
     Weights load with safetensors only; no code from the model files is ever run.
     """
-    device = checks.device(device)
+    device = as_device(device)
     dtype = to_dtype(dtype)
     source = checks.choice("model source", source or os.environ.get(SOURCE_ENV) or "auto", SOURCES)
     if source == "random":
@@ -367,7 +340,7 @@ def llama_from_config(
     name, or any shape."""
     if name is not None:
         shape = {**ARCHITECTURES[checks.choice("architecture", name, ARCHITECTURES)], **shape}
-    device = checks.device(device)
+    device = as_device(device)
     dtype = to_dtype(dtype)
     config = LlamaConfig(**shape)
     torch.manual_seed(seed)

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from helpers import checks
 from helpers.bench import measure, synchronize
 from helpers.decode import greedy_decode
+from helpers.device import as_device
 from helpers.models import llama_from_config
 
 
@@ -49,7 +49,7 @@ def fit_line(x, y) -> LineFit:
 
 def op_overhead(device, repeats: int = 7, ops: int = 200) -> pd.DataFrame:
     """Seconds per tiny operation: back to back, and (on CUDA) each followed by a synchronise."""
-    device = checks.device(device)
+    device = as_device(device)
     x = torch.zeros(1, device=device)
 
     def many():
@@ -92,7 +92,7 @@ def step_times(model, batch: int = 1, steps: int = 24, compiled: bool = False) -
 
 def step_overhead(device, layer_counts=(1, 8, 16, 30), dtype=torch.float32) -> pd.DataFrame:
     """Eager decode-step time of tiny-width Llamas with each layer count (bytes, FLOPs ≈ 0)."""
-    device = checks.device(device)
+    device = as_device(device)
     rows = []
     for layers in layer_counts:
         times = step_times(tiny_llama(layers, device, dtype))
@@ -106,7 +106,7 @@ def linear_rates(
 ) -> pd.DataFrame:  # fmt: skip
     """FLOP/s of decode-shaped products: `batch` rows times square weights of `width`, over
     enough distinct weights (`total_bytes`) that they stream from memory as a model's do."""
-    device = checks.device(device)
+    device = as_device(device)
     itemsize = torch.finfo(dtype).bits // 8
     count = max(2, int(total_bytes // (width * width * itemsize)))
     weights = [torch.randn(width, width, device=device, dtype=dtype) for _ in range(count)]
@@ -136,7 +136,7 @@ def work_sweep(
     Each row gives the product's bytes and FLOPs, its first-principles time
     max(bytes ÷ `bandwidth`, FLOPs ÷ `peak_flops`) and the measured time. Matrix-vector shapes
     cycle through distinct copies of the weight, so they stream from memory, not from cache."""
-    device = checks.device(device)
+    device = as_device(device)
     itemsize = torch.finfo(dtype).bits // 8
     rows = []
     for m, n in shapes:

@@ -32,8 +32,15 @@ import numpy as np
 import pandas as pd
 
 from helpers import DATA_DIR, checks
-from helpers.memory import Shape, kv_cache_bytes, serving_memory
-from helpers.tp import allreduce_bus_bytes, check_tp_degree
+from helpers.shapes import (
+    VALUE_BYTES,
+    WEIGHT_BYTES,
+    Shape,
+    allreduce_bus_bytes,
+    check_tp_degree,
+    kv_cache_bytes,
+    serving_memory,
+)
 
 # Memory a runtime keeps for itself on each GPU (CUDA context, workspaces).
 RUNTIME_RESERVE_BYTES = 1.5e9
@@ -47,10 +54,6 @@ MEMORY_EFFICIENCY = 1700 / 2039
 # all-reduce's bus traffic runs in one direction per link, so it sees half.
 NVLINK_DIRECTIONS = 2
 
-# Bytes per weight for each serving precision; weight-only formats compute in 16 bit and keep
-# one 16-bit scale and zero point per group of 64 (int4) or a scale per output channel (int8).
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 64}
-COMPUTE_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2}
 ENGINE_NAMES = ("eager", "compiled", "production")
 DEFAULT_ENGINE = "compiled"
 
@@ -144,7 +147,7 @@ def derive_engines() -> pd.DataFrame:
     for dt in ("int8", "int4"):
         extra = _published_ms("gpt-fast", "llama-2-7b", dt, 1) - layers * layer_s * 1e3
         extra -= _floor_ms("llama-2-7b", "a100-80gb-sxm", dt, 1)
-        weights = _linear_params(Shape.of("llama-2-7b"))
+        weights = Shape.of("llama-2-7b").linear_params
         flops = extra / 1e3 * _hardware()["a100-80gb-sxm"]["flops"] / weights
         note(
             "compiled",
@@ -270,16 +273,10 @@ def spec_from_ceilings(ceilings, name: str = "this machine", memory_bytes: float
 # --- The model ------------------------------------------------------------------------------
 
 
-def _linear_params(shape: Shape) -> int:
-    """Weights that multiply every token: all but the input embedding (read one row per token),
-    unless the output layer shares it."""
-    return shape.params - (0 if shape.tied_embeddings else shape.vocab * shape.hidden)
-
-
 def _streamed_weight_bytes(shape: Shape, dtype: str) -> float:
     """Bytes of weights one forward pass reads (the embedding table stays 16-bit when quantized,
     and only its used rows are read unless it doubles as the output layer)."""
-    return _linear_params(shape) * WEIGHT_BYTES[dtype]
+    return shape.linear_params * WEIGHT_BYTES[dtype]
 
 
 def _square_flops(spec: GPUSpec, dtype: str) -> float:
@@ -310,13 +307,13 @@ def step_time(shape, spec, dtype, tp, batch, tokens, context) -> dict[str, float
     """Seconds of one forward pass over `tokens` new tokens per sequence, by part."""
     engine = spec.engine
     bandwidth = spec.bandwidth * engine.memory_efficiency
-    act = COMPUTE_DTYPE_BYTES[dtype]
+    act = VALUE_BYTES[dtype]
     weights = _streamed_weight_bytes(shape, dtype) / tp
     kv_read = kv_cache_bytes(shape, batch, context, act) / tp
-    matmul_flops = 2 * _linear_params(shape) * batch * tokens / tp
+    matmul_flops = 2 * shape.linear_params * batch * tokens / tp
     attention_flops = 4 * shape.layers * batch * tokens * context * shape.heads * shape.head_dim
     square = _square_flops(spec, dtype)
-    dequant = engine.dequant_flops.get(dtype, 0.0) * _linear_params(shape) / tp / spec.flops
+    dequant = engine.dequant_flops.get(dtype, 0.0) * shape.linear_params / tp / spec.flops
     message = batch * tokens * shape.hidden * act
     matmul_rate = _matmul_rate(spec, dtype, batch * tokens)
     measured = bool(spec.linear_flops)
@@ -365,7 +362,7 @@ def _resolve(model, gpu_) -> tuple[Shape, GPUSpec]:
 
 
 def predict(
-    model="llama-2-7b", gpu="a100-80gb-sxm", dtype="fp16", tp=1, batch=1,
+    *, model="llama-2-7b", gpu="a100-80gb-sxm", dtype="fp16", tp=1, batch=1,
     prompt_tokens=128, new_tokens=128,
 ) -> Prediction:  # fmt: skip
     """Latency, throughput and memory of serving `batch` requests; see the module docstring.
@@ -385,7 +382,7 @@ def predict(
     ttft, tpot = _total(prefill), _total(decode)
     latency = ttft + (new_tokens - 1) * tpot
     context = prompt_tokens + new_tokens
-    act = COMPUTE_DTYPE_BYTES[dtype]
+    act = VALUE_BYTES[dtype]
     parts = serving_memory(shape, batch, context, WEIGHT_BYTES[dtype], act, tp, prompt_tokens)
     memory = (
         parts["weights"] + parts["kv_cache"] + parts["activations"]
@@ -456,7 +453,15 @@ def candidates(
     for dtype in dtypes:
         for tp in (t for t in (1, 2, 4, 8) if t <= gpus and shape.kv_heads % t == 0):
             for batch in batches:
-                p = predict(model, spec, dtype, tp, batch, prompt_tokens, new_tokens)
+                p = predict(
+                    model=model,
+                    gpu=spec,
+                    dtype=dtype,
+                    tp=tp,
+                    batch=batch,
+                    prompt_tokens=prompt_tokens,
+                    new_tokens=new_tokens,
+                )
                 rows.append({
                     "dtype": dtype, "tp": tp, "batch": batch, "replicas": gpus // tp,
                     "tpot_ms": p.tpot_s * 1e3, "latency_s": p.latency_s, "fits": p.fits,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import checks
-from helpers.device import cpu_has_int8_dot_product
+from helpers.device import as_device, check_finite, cpu_has_int8_dot_product
 from helpers.memory import release_freed_memory
 
 # --- Quantizers, written out -----------------------------------------------------------------
@@ -35,7 +35,7 @@ def _matrix(w) -> torch.Tensor:
             f"w must be a non-empty 2-D (rows, columns) matrix, got shape {tuple(w.shape)}: "
             "reshape it first, e.g. w.reshape(1, -1) for a vector or w.reshape(-1, w.shape[-1])"
         )
-    return checks.finite("w", w, "a NaN or inf would turn its whole group's scale into NaN")
+    return check_finite("w", w, "a NaN or inf would turn its whole group's scale into NaN")
 
 
 def _groups(w: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
@@ -274,7 +274,7 @@ def load_backend(name: str, load: Callable, device: torch.device):
     `load(dtype, **from_pretrained_kwargs)` returns a fresh copy of the model on `device`.
     """
     name = checks.choice("backend", name, BACKENDS)
-    device = checks.device(device)
+    device = as_device(device)
     reason = BACKENDS[name].why_unsupported(device)
     if reason:
         return None, f"unsupported here: {reason}"
@@ -284,30 +284,6 @@ def load_backend(name: str, load: Callable, device: torch.device):
 
 
 # --- Size -----------------------------------------------------------------------------------
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor really stores, looking inside quantized tensor subclasses (torchao)."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()  # (torch.ao's qint8 tensors: one byte per value)
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer (shared storage counted once), quantized or not."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = id(t)
-        if key not in seen:
-            seen.add(key)
-            total += tensor_bytes(t)
-    for module in model.modules():  # torch.ao packs its weights outside parameters
-        packed = getattr(module, "_packed_params", None)
-        if packed is not None and hasattr(packed, "_weight_bias"):
-            weight, bias = packed._weight_bias()
-            total += tensor_bytes(weight) + (0 if bias is None else tensor_bytes(bias))
-    return total
 
 
 def serialized_bytes(model: torch.nn.Module) -> int:
@@ -360,8 +336,8 @@ def agreement_and_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> tu
             f"the two logits differ in shape: {tuple(reference_logits.shape)} vs "
             f"{tuple(logits.shape)}; compare the same tokens from the two models"
         )
-    checks.finite("reference_logits", reference_logits)
-    checks.finite("logits", logits, "the quantized model produced NaN/inf")
+    check_finite("reference_logits", reference_logits)
+    check_finite("logits", logits, "the quantized model produced NaN/inf")
     ref = F.log_softmax(reference_logits.float(), -1)
     other = F.log_softmax(logits.float(), -1)
     agree = (ref.argmax(-1) == other.argmax(-1)).float().mean().item()

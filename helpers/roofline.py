@@ -20,9 +20,7 @@ from tqdm.auto import tqdm
 
 from helpers import BUILD_DIR, overhead
 from helpers.bench import measure
-from helpers.device import Preset, describe, dtype_note, supported_dtypes
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+from helpers.device import Preset, describe, dtype_name, dtype_note, supported_dtypes
 
 
 def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> float:
@@ -176,7 +174,7 @@ def measure_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: in
     w = torch.randn(n, n, device=device).to(dtype)
     # F.linear, not `a @ b`: some CPU builds take a pathologically slow path for fp16 `@`.
     timing = measure(lambda: F.linear(a, w), name=f"matmul {n}", repeats=repeats, device=device)
-    name = DTYPE_NAMES[dtype]
+    name = dtype_name(dtype)
     return _row(
         timing, "matmul", name, n, matmul_flops(n, n, n), "FLOP/s", dtype_note(dtype, device)
     )

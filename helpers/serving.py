@@ -62,8 +62,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from helpers import DATA_DIR, checks
+from helpers import DATA_DIR, checks, planner
 from helpers.decode import _check_llama, _layers
+from helpers.device import check_finite
 
 POLICIES = ("continuous", "static")
 
@@ -373,7 +374,7 @@ def _forward(model, cache: PagedKVCache, work, finishing) -> list[int]:
         return []
     ends = [int(e) for e, f in zip(np.cumsum(counts) - 1, finishing, strict=True) if f]
     logits = model.lm_head(body.norm(hidden[0, torch.tensor(ends, device=device)]))
-    return checks.finite("the step's logits", logits).argmax(-1).tolist()
+    return check_finite("the step's logits", logits).argmax(-1).tolist()
 
 
 def run(
@@ -604,8 +605,6 @@ def fit_step_time(steps: pd.DataFrame) -> StepModel:
 def planner_step_time(model, gpu, dtype: str = "bf16", tp: int = 1) -> Callable[[Step], float]:
     """A virtual clock from `planner.step_seconds`: a step of B sequences carrying T tokens over
     C cached positions costs one forward pass of batch B, T/B tokens and C/B context each."""
-    from helpers import planner
-
     gpu = planner.gpu(gpu) if isinstance(gpu, str) else gpu  # resolve the name once
 
     def seconds(step: Step) -> float:

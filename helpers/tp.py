@@ -44,24 +44,12 @@ class WorkerError(RuntimeError):
     pass
 
 
-# Peak resident memory of each rank of the most recent `launch` (bytes), for memory reports.
-last_peak_rss_bytes: list[int] = []
+class Results(list):
+    """What `launch` returns: each rank's result, in rank order, and what each rank measured."""
 
-
-def check_tp_degree(tp: int, *, heads: int, kv_heads: int, intermediate: int) -> None:
-    """Refuse a TP degree that does not split the attention heads, KV heads and MLP evenly."""
-    tp = checks.whole("TP degree", tp)
-    for what, n in (
-        ("attention heads", heads),
-        ("KV heads", kv_heads),
-        ("MLP width", intermediate),
-    ):
-        if n % tp:
-            divisors = [d for d in range(1, n + 1) if n % d == 0 and heads % d == 0
-                        and kv_heads % d == 0 and intermediate % d == 0]  # fmt: skip
-            raise ValueError(
-                f"TP degree {tp} does not divide the {n} {what}; use one of {divisors}."
-            )
+    def __init__(self, results, peaks):
+        super().__init__(results)
+        self.peak_rss_bytes: list[int] = list(peaks)  # each rank's peak resident memory
 
 
 BACKENDS = ("gloo", "nccl")
@@ -265,7 +253,8 @@ class _RankEnded(Exception):
 
 
 def launch(fn: Callable, world_size: int, *args, backend: str | None = None, timeout: float = 180):
-    """Run `fn(rank, world_size, *args)` on `world_size` processes; return results by rank.
+    """Run `fn(rank, world_size, *args)` on `world_size` processes; return results by rank
+    (a list, whose `.peak_rss_bytes` holds each rank's peak resident memory).
 
     `fn` may live in a module or in the notebook itself (sent as source: `NotebookFunction`).
     If a rank raises, exits or is killed, every rank (and whatever it started) is stopped at once
@@ -313,8 +302,8 @@ def _run(procs, payload, world_size, backend, port, timeout):
         _stop(procs, wait_s=5 if finished else 0)
         for reader in readers:
             reader.close()
-    last_peak_rss_bytes[:] = [out[r][1] for r in range(world_size)]
-    return [out[r][0] for r in range(world_size)]
+    ranks = range(world_size)
+    return Results([out[r][0] for r in ranks], [out[r][1] for r in ranks])
 
 
 def _collect(procs, readers, timeout: float) -> dict[int, tuple]:
@@ -400,11 +389,6 @@ def row_shard(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 # --- The α–β model of a collective ---------------------------------------------------------
-
-
-def allreduce_bus_bytes(message_bytes: float, world: int) -> float:
-    """Bytes each rank sends in a ring all-reduce: 2 (p−1)/p × message."""
-    return 2 * (world - 1) / world * message_bytes
 
 
 def fit_alpha_beta(message_bytes, seconds) -> tuple[float, float]:

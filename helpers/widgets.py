@@ -7,10 +7,14 @@ import pandas as pd
 from ipywidgets import Dropdown, IntSlider, interact
 
 from helpers import DATA_DIR
-from helpers.memory import Shape, serving_memory
-from helpers.models import ARCHITECTURES
-
-BYTES_PER_PARAM = {"fp32": 4, "bf16/fp16": 2, "int8 weights": 1, "int4 weights": 0.5}
+from helpers.shapes import (
+    ARCHITECTURES,
+    PRECISIONS,
+    VALUE_BYTES,
+    WEIGHT_BYTES,
+    Shape,
+    serving_memory,
+)
 
 
 def device_capacities() -> dict[str, float]:
@@ -22,9 +26,10 @@ def device_capacities() -> dict[str, float]:
 def plot_memory_budget(model: str, precision: str, batch: int, context: int, tp: int) -> dict:
     """Stacked bar of what one device holds, against the capacity of common GPUs."""
     shape = Shape.of(model)
-    value_bytes = 4 if precision == "fp32" else 2  # quantized weights still compute in 16 bit
-    try:
-        parts = serving_memory(shape, batch, context, BYTES_PER_PARAM[precision], value_bytes, tp)
+    try:  # int8/int4 are weight-only: the KV cache and activations stay 16-bit (VALUE_BYTES)
+        parts = serving_memory(
+            shape, batch, context, WEIGHT_BYTES[precision], VALUE_BYTES[precision], tp
+        )
     except ValueError as err:
         print(err)
         return {}
@@ -48,7 +53,7 @@ def memory_calculator():
     return interact(
         plot_memory_budget,
         model=Dropdown(options=list(ARCHITECTURES), value="llama-2-7b"),
-        precision=Dropdown(options=list(BYTES_PER_PARAM), value="bf16/fp16"),
+        precision=Dropdown(options=list(PRECISIONS), value="bf16"),
         batch=IntSlider(value=8, min=1, max=256, step=1),
         context=IntSlider(value=4096, min=256, max=32768, step=256),
         tp=Dropdown(options=[1, 2, 4, 8], value=1),

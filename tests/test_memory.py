@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import memory
+from helpers import memory, shapes
 
 
 def test_weight_bytes_of_a_linear_layer():
@@ -36,16 +36,16 @@ def test_peak_memory_sees_a_temporary_allocation():
 
 
 def test_format_bytes():
-    assert memory.format_bytes(512) == "512 B"
-    assert memory.format_bytes(1536) == "1.5 KiB"
-    assert memory.format_bytes(3 * 2**30) == "3.0 GiB"
+    assert shapes.format_bytes(512) == "512 B"
+    assert shapes.format_bytes(1536) == "1.5 KiB"
+    assert shapes.format_bytes(3 * 2**30) == "3.0 GiB"
 
 
 def test_shapes_match_published_parameter_counts():
     from tests.test_models import EXPECTED_PARAMS
 
     for name, params in EXPECTED_PARAMS.items():
-        assert memory.Shape.of(name).params == params
+        assert shapes.Shape.of(name).params == params
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
@@ -57,23 +57,23 @@ def test_kv_formula_equals_real_cache_tensors(kv_heads):
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=kv_heads, vocab_size=50,
     )  # fmt: skip
-    shape = memory.Shape.of(model.config)
+    shape = shapes.Shape.of(model.config)
     cache = KVCache(model.config, batch=5, max_len=17, dtype=torch.bfloat16, device="cpu")
-    assert cache.nbytes == memory.kv_cache_bytes(shape, batch=5, context=17, bytes_per_value=2)
+    assert cache.nbytes == shapes.kv_cache_bytes(shape, batch=5, context=17, bytes_per_value=2)
     assert cache.nbytes == 2 * 3 * 5 * 17 * kv_heads * 16 * 2
 
 
 def test_llama_2_7b_serving_memory():
-    shape = memory.Shape.of("llama-2-7b")
-    parts = memory.serving_memory(shape, batch=1, context=4096, weight_bytes_per_param=2,
+    shape = shapes.Shape.of("llama-2-7b")
+    parts = shapes.serving_memory(shape, batch=1, context=4096, weight_bytes_per_param=2,
                                   value_bytes=2)  # fmt: skip
     assert parts["weights"] == 6_738_415_616 * 2  # 13.48 GB in fp16
     assert parts["kv_cache"] == 2 * 32 * 4096 * 4096 * 2  # 2 GiB: 0.5 MiB per token
     assert parts["logits"] == 32000 * 2  # only the last position's scores, in fp16
-    split = memory.serving_memory(shape, 1, 4096, 2, 2, tp=4)
+    split = shapes.serving_memory(shape, 1, 4096, 2, 2, tp=4)
     assert split["weights"] * 4 == parts["weights"] and split["kv_cache"] * 4 == parts["kv_cache"]
     with pytest.raises(ValueError, match="divide"):
-        memory.serving_memory(memory.Shape.of("llama-3-8b"), 1, 128, 2, 2, tp=3)
+        shapes.serving_memory(shapes.Shape.of("llama-3-8b"), 1, 128, 2, 2, tp=3)
 
 
 class FakeDevice:

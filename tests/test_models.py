@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import memory, models
+from helpers import memory, models, shapes
 
 # Parameter counts computed by hand from each architecture's published shape.
 EXPECTED_PARAMS = {
@@ -19,7 +19,7 @@ EXPECTED_PARAMS = {
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
 def test_architectures_have_published_sizes(name):
     with torch.device("meta"):  # shapes only, no memory
-        model = LlamaForCausalLM(LlamaConfig(**models.ARCHITECTURES[name]))
+        model = LlamaForCausalLM(LlamaConfig(**shapes.ARCHITECTURES[name]))
     assert memory.param_count(model) == EXPECTED_PARAMS[name]
 
 

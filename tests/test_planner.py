@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from helpers import planner
-from helpers.memory import Shape, kv_cache_bytes
+from helpers.shapes import Shape, kv_cache_bytes
 
 LLAMA_2_7B_PARAMS = 6_738_415_616
 EMBEDDING_7B = 32000 * 4096  # read one row per token, so not streamed
@@ -17,8 +17,14 @@ def ideal(name="a100-80gb-sxm"):
 
 
 def test_memory_is_weights_plus_cache_plus_activations():
-    p = planner.predict("llama-2-7b", "a100-80gb-sxm", "fp16", batch=1, prompt_tokens=100,
-                        new_tokens=28)  # fmt: skip
+    p = planner.predict(
+        model="llama-2-7b",
+        gpu="a100-80gb-sxm",
+        dtype="fp16",
+        batch=1,
+        prompt_tokens=100,
+        new_tokens=28,
+    )
     shape = Shape.of("llama-2-7b")
     kv = kv_cache_bytes(shape, 1, 128, 2)
     activations = 100 * (2 * 4096 + 3 * 11008) * 2
@@ -29,7 +35,9 @@ def test_memory_is_weights_plus_cache_plus_activations():
 
 def test_batch_1_decode_is_streamed_weight_bytes_over_bandwidth():
     spec = ideal()
-    p = planner.predict("llama-2-7b", spec, "fp16", batch=1, prompt_tokens=1, new_tokens=2)
+    p = planner.predict(
+        model="llama-2-7b", gpu=spec, dtype="fp16", batch=1, prompt_tokens=1, new_tokens=2
+    )
     assert p.bound == "memory"
     floor = (LLAMA_2_7B_PARAMS - EMBEDDING_7B) * 2 / spec.bandwidth
     flops = 2 * (LLAMA_2_7B_PARAMS - EMBEDDING_7B) / spec.flops  # no overlap assumed
@@ -39,20 +47,24 @@ def test_batch_1_decode_is_streamed_weight_bytes_over_bandwidth():
 def test_overhead_adds_per_layer_and_per_step():
     engine = planner.Engine("planted", step_s=1e-3, layer_s=2e-5)
     with_overhead = planner.gpu("a100-80gb-sxm", engine)
-    a = planner.predict("llama-2-7b", ideal(), "fp16", batch=1, new_tokens=8)
-    b = planner.predict("llama-2-7b", with_overhead, "fp16", batch=1, new_tokens=8)
+    a = planner.predict(model="llama-2-7b", gpu=ideal(), dtype="fp16", batch=1, new_tokens=8)
+    b = planner.predict(model="llama-2-7b", gpu=with_overhead, dtype="fp16", batch=1, new_tokens=8)
     assert b.tpot_s - a.tpot_s == pytest.approx(1e-3 + 32 * 2e-5)
     assert b.decode_parts_s["overhead"] == pytest.approx(1e-3 + 32 * 2e-5)
 
 
 def test_small_model_on_a_fast_gpu_is_overhead_bound():
-    p = planner.predict("smollm2-135m", planner.gpu("h200", "eager"), "bf16", batch=1)
+    p = planner.predict(
+        model="smollm2-135m", gpu=planner.gpu("h200", "eager"), dtype="bf16", batch=1
+    )
     assert p.bound == "overhead"
 
 
 def test_compute_bound_at_large_batch():
     spec = ideal()
-    p = planner.predict("llama-2-7b", spec, "fp16", batch=4096, prompt_tokens=1, new_tokens=2)
+    p = planner.predict(
+        model="llama-2-7b", gpu=spec, dtype="fp16", batch=4096, prompt_tokens=1, new_tokens=2
+    )
     assert p.bound == "compute"
     linear = LLAMA_2_7B_PARAMS - EMBEDDING_7B
     assert p.decode_parts_s["compute"] == pytest.approx(2 * linear * 4096 / spec.flops, rel=0.01)
@@ -66,9 +78,11 @@ def test_nvlink_datasheet_figure_counts_both_directions():
 def test_kaggle_two_t4_plans_over_pcie():
     best = planner.best_config("llama-2-7b", "t4", gpus=2, tpot_budget_ms=200)
     assert best is not None
-    tp2 = planner.predict("llama-2-7b", "t4", "fp16", tp=2, batch=1)
+    tp2 = planner.predict(model="llama-2-7b", gpu="t4", dtype="fp16", tp=2, batch=1)
     nvlink_t4 = dataclasses.replace(planner.gpu("t4"), link_bandwidth=450e9)
-    assert tp2.tpot_s > planner.predict("llama-2-7b", nvlink_t4, "fp16", tp=2).tpot_s
+    assert (
+        tp2.tpot_s > planner.predict(model="llama-2-7b", gpu=nvlink_t4, dtype="fp16", tp=2).tpot_s
+    )
 
 
 def test_monotonic_in_batch_and_tp():
@@ -92,13 +106,23 @@ def published_speed_rows():
     return t[t.role.isin(["check", "calibration"])]
 
 
-@pytest.mark.parametrize("row", list(published_speed_rows().itertuples()), ids=lambda r: (
-    f"{r.source}-{r.model}-{r.dtype}-tp{r.tp}-b{r.batch}-{r.metric}"))  # fmt: skip
+@pytest.mark.parametrize(
+    "row",
+    list(published_speed_rows().itertuples()),
+    ids=lambda r: f"{r.source}-{r.model}-{r.dtype}-tp{r.tp}-b{r.batch}-{r.metric}",
+)
 def test_published_rows_within_25_percent(row):
     spec = planner.gpu(row.gpu, row.engine)
     new = 128 if row.metric == "tokens_per_s_total" else 200
-    p = planner.predict(row.model, spec, row.dtype, int(row.tp), int(row.batch),
-                        int(row.prompt_tokens), new)  # fmt: skip
+    p = planner.predict(
+        model=row.model,
+        gpu=spec,
+        dtype=row.dtype,
+        tp=int(row.tp),
+        batch=int(row.batch),
+        prompt_tokens=int(row.prompt_tokens),
+        new_tokens=new,
+    )
     predicted, published = {
         "tokens_per_s": (p.tpot_s, 1 / row.value),
         "ms_per_token": (p.tpot_s * 1e3, row.value),
@@ -120,15 +144,23 @@ def test_calibrate_recovers_planted_overhead_and_efficiency():
     overhead_s, slope = 2e-3, 1.25
     rows = []
     for batch in (1, 4, 16, 64, 256):
-        x = planner.step_seconds(model="llama-2-7b", gpu=spec, dtype="fp16", batch=batch,
-                                 tokens=1, context=128 + 8)  # fmt: skip
-        rows.append({"batch": batch, "prompt": 128, "new_tokens": 16,
-                     "tpot_s": overhead_s + slope * x})  # fmt: skip
+        x = planner.step_seconds(
+            model="llama-2-7b", gpu=spec, dtype="fp16", batch=batch, tokens=1, context=128 + 8
+        )
+        rows.append(
+            {"batch": batch, "prompt": 128, "new_tokens": 16, "tpot_s": overhead_s + slope * x}
+        )
     fitted = planner.calibrate(rows, model="llama-2-7b", gpu=spec, dtype="fp16")
     assert fitted.engine.step_s == pytest.approx(overhead_s, rel=1e-6)
     for r in rows:
-        p = planner.predict("llama-2-7b", fitted, "fp16", batch=r["batch"], prompt_tokens=128,
-                            new_tokens=16)  # fmt: skip
+        p = planner.predict(
+            model="llama-2-7b",
+            gpu=fitted,
+            dtype="fp16",
+            batch=r["batch"],
+            prompt_tokens=128,
+            new_tokens=16,
+        )
         assert p.tpot_s == pytest.approx(r["tpot_s"], rel=1e-6)
 
 
@@ -136,13 +168,14 @@ def test_measured_linear_rates_set_the_compute_time():
     spec = dataclasses.replace(ideal(), linear_flops={1: 1e12, 64: 64e12})
     x = planner.step_time(Shape.of("llama-2-7b"), spec, "fp16", 1, 8, 1, 16)
     rate_8 = np.exp(np.interp(np.log(8), np.log([1, 64]), np.log([1e12, 64e12])))
-    assert x["compute"] == pytest.approx(2 * (LLAMA_2_7B_PARAMS - EMBEDDING_7B) * 8 / rate_8,
-                                         rel=0.01)  # fmt: skip
+    assert x["compute"] == pytest.approx(
+        2 * (LLAMA_2_7B_PARAMS - EMBEDDING_7B) * 8 / rate_8, rel=0.01
+    )
 
 
 def test_names_are_case_insensitive():
-    a = planner.predict("Llama-2-7B", "A100-80GB-SXM", "FP16")
-    b = planner.predict("llama-2-7b", "a100-80gb-sxm", "fp16")
+    a = planner.predict(model="Llama-2-7B", gpu="A100-80GB-SXM", dtype="FP16")
+    b = planner.predict(model="llama-2-7b", gpu="a100-80gb-sxm", dtype="fp16")
     assert a == b
 
 

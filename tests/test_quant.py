@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from helpers import quant
+from helpers import memory, quant
 
 torch.manual_seed(0)
 
@@ -43,10 +43,14 @@ def test_error_shrinks_with_more_bits():
 def test_quantized_linear_sizes_equal_the_formula():
     linear = torch.nn.Linear(256, 96, bias=False)
     int8 = quant.Int8WeightOnlyLinear(linear)
-    assert quant.model_bytes(int8) == 96 * 256 * 1 + 96 * 2  # int8 values + one bf16 scale per row
+    assert (
+        memory.weight_bytes(int8, include_buffers=True) == 96 * 256 * 1 + 96 * 2
+    )  # int8 values + one bf16 scale per row
     int4 = quant.Int4WeightOnlyLinear(linear, group_size=64)
     groups = 256 // 64
-    assert quant.model_bytes(int4) == 96 * 256 // 2 + groups * 96 * 2 * 2  # nibbles + scale & zero
+    assert (
+        memory.weight_bytes(int4, include_buffers=True) == 96 * 256 // 2 + groups * 96 * 2 * 2
+    )  # nibbles + scale & zero
 
 
 def test_quantized_linears_compute_the_dequantized_product():

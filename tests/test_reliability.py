@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import device, memory, models, quant
+from helpers import device, memory, models, quant, shapes
 
 W = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
 
@@ -139,28 +139,28 @@ def test_agreement_needs_matching_finite_logits():
 
 # --- memory formulas and the search -------------------------------------------------------
 
-SHAPE = memory.Shape.of("llama-2-7b")
+SHAPE = shapes.Shape.of("llama-2-7b")
 
 
 def test_kv_cache_bytes_refuses_a_dtype_name_at_once():
     with pytest.raises(TypeError, match="bytes_per_value must be a finite number, got 'fp16'"):
-        memory.kv_cache_bytes(SHAPE, 1, 4096, "fp16")  # built a multi-GB string before
+        shapes.kv_cache_bytes(SHAPE, 1, 4096, "fp16")  # built a multi-GB string before
     with pytest.raises(TypeError, match="batch must be a whole number, got 1.5"):
-        memory.kv_cache_bytes(SHAPE, 1.5, 4096, 2)
+        shapes.kv_cache_bytes(SHAPE, 1.5, 4096, 2)
     with pytest.raises(ValueError, match="context must be at least 0, got -1"):
-        memory.kv_cache_bytes(SHAPE, 1, -1, 2)
-    with pytest.raises(TypeError, match=r"pass memory.Shape.of\(...\)"):
-        memory.kv_cache_bytes("llama-2-7b", 1, 4096, 2)
-    assert memory.kv_cache_bytes(SHAPE, np.int64(2), 10, 2) == 2 * memory.kv_cache_bytes(
+        shapes.kv_cache_bytes(SHAPE, 1, -1, 2)
+    with pytest.raises(TypeError, match=r"pass shapes.Shape.of\(...\)"):
+        shapes.kv_cache_bytes("llama-2-7b", 1, 4096, 2)
+    assert shapes.kv_cache_bytes(SHAPE, np.int64(2), 10, 2) == 2 * shapes.kv_cache_bytes(
         SHAPE, 1, 10, 2
     )  # a count read from a DataFrame is a whole number too
 
 
 def test_shape_of_a_partial_config_names_what_is_missing():
     with pytest.raises(ValueError, match=r"lacks \['intermediate_size', 'num_attention_heads'"):
-        memory.Shape.of({"num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 10})
-    assert memory.Shape.of("LLAMA-2-7B") == SHAPE  # names in any case
-    assert memory.Shape.of(SHAPE) is SHAPE
+        shapes.Shape.of({"num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 10})
+    assert shapes.Shape.of("LLAMA-2-7B") == SHAPE  # names in any case
+    assert shapes.Shape.of(SHAPE) is SHAPE
 
 
 @pytest.mark.parametrize("start", [0, -3])
@@ -178,11 +178,11 @@ def test_the_search_refuses_a_start_above_the_limit():
 
 def test_serving_memory_refuses_bad_tp_and_sizes():
     with pytest.raises(ValueError, match="TP degree must be at least 1, got 0"):
-        memory.serving_memory(SHAPE, 1, 128, 2, 2, tp=0)  # ZeroDivisionError before
+        shapes.serving_memory(SHAPE, 1, 128, 2, 2, tp=0)  # ZeroDivisionError before
     with pytest.raises(ValueError, match="TP degree must be at least 1, got -1"):
-        memory.serving_memory(SHAPE, 1, 128, 2, 2, tp=-1)
+        shapes.serving_memory(SHAPE, 1, 128, 2, 2, tp=-1)
     with pytest.raises(TypeError, match="weight_bytes_per_param must be a finite number"):
-        memory.serving_memory(SHAPE, 1, 128, "int8", 2)
+        shapes.serving_memory(SHAPE, 1, 128, "int8", 2)
 
 
 def test_peak_memory_takes_a_device_name():

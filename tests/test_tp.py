@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tp, tp_workers
+from helpers import shapes, tp, tp_workers
 
 torch.manual_seed(0)
 
@@ -191,7 +191,7 @@ def test_what_cannot_travel_is_named_before_launch():
     with pytest.raises(ValueError, match=r"Unknown backend 'mpi'; use one of \['gloo', 'nccl'\]"):
         tp.launch(fails_on_rank_1, 2, backend="mpi")
     with pytest.raises(TypeError, match="TP degree must be a whole number"):
-        tp.check_tp_degree(1.5, heads=8, kv_heads=8, intermediate=64)
+        shapes.check_tp_degree(1.5, heads=8, kv_heads=8, intermediate=64)
 
 
 class DefinedInTheNotebook:
@@ -223,9 +223,9 @@ def test_bad_degrees_are_refused_before_launch():
     with pytest.raises(
         ValueError, match=r"does not divide the 9 attention heads; use one of \[1, 3\]"
     ):
-        tp.check_tp_degree(2, heads=9, kv_heads=3, intermediate=1536)
+        shapes.check_tp_degree(2, heads=9, kv_heads=3, intermediate=1536)
     with pytest.raises(ValueError, match="KV heads"):
-        tp.check_tp_degree(4, heads=32, kv_heads=2, intermediate=1024)
+        shapes.check_tp_degree(4, heads=32, kv_heads=2, intermediate=1024)
     with pytest.raises(ValueError, match="backend='gloo'"):
         tp.check_world(torch.cuda.device_count() + 1, "nccl")
 
@@ -236,4 +236,6 @@ def test_alpha_beta_fit_recovers_known_parameters():
     times = [alpha + beta * n for n in sizes]
     a, b = tp.fit_alpha_beta(sizes, times)
     assert a == pytest.approx(alpha, rel=1e-6) and b == pytest.approx(beta, rel=1e-6)
-    assert tp.allreduce_bus_bytes(1000, 2) == 1000 and tp.allreduce_bus_bytes(1000, 4) == 1500
+    assert (
+        shapes.allreduce_bus_bytes(1000, 2) == 1000 and shapes.allreduce_bus_bytes(1000, 4) == 1500
+    )

@@ -1,0 +1,221 @@
+"""Shapes and byte formulas of decoder-only transformers: pure arithmetic, no torch.
+
+The one place for what a model *is* (its `Shape`, the published `ARCHITECTURES`) and for what its
+numbers cost in bytes (`WEIGHT_BYTES`, `VALUE_BYTES`, the KV / activation / logits formulas, what
+serving needs per device, which TP degrees split it). The planner, the memory calculator, the
+decode loop and the notebooks all read these; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from helpers import checks
+
+# Published architectures (from each model's config.json on the hub).
+ARCHITECTURES = {
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+    ),
+    "llama-2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+    ),
+    "llama-2-13b": dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+    ),
+    "llama-2-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+    ),
+    "llama-3-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+    ),
+}  # fmt: skip
+
+# Bytes per stored weight for each serving precision. The weight-only formats keep a 16-bit
+# scale per output row (int8) or a 16-bit scale and zero point per group of 64 (int4): the layout
+# of the course's own `quant` linears and of torchao's defaults.
+INT4_GROUP = 64
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP}
+# Bytes of one activation, cached key/value or logit: weight-only formats still compute in 16 bit.
+VALUE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2}
+PRECISIONS = tuple(WEIGHT_BYTES)
+
+
+def precision(name: str) -> str:
+    """The canonical precision name ('BF16' → 'bf16'), or an error listing the known ones."""
+    return checks.choice("precision", name, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of a decoder-only transformer that decide its memory and its work."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        """From a transformers config, a dict of config fields, or a known architecture name."""
+        if isinstance(config, Shape):
+            return config
+        if isinstance(config, str):
+            config = ARCHITECTURES[checks.choice("architecture", config, ARCHITECTURES)]
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        missing = [k for k in _CONFIG_FIELDS if not isinstance(get(k), int) or get(k) < 1]
+        if missing:
+            raise ValueError(
+                f"the config lacks {missing} (each a whole number ≥ 1): pass a transformers "
+                "config, a dict with all of " + ", ".join(_CONFIG_FIELDS) + ", or a known name"
+            )
+        heads = get("num_attention_heads")
+        return cls(
+            layers=get("num_hidden_layers"),
+            hidden=get("hidden_size"),
+            intermediate=get("intermediate_size"),
+            heads=heads,
+            kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or get("hidden_size") // heads,
+            vocab=get("vocab_size"),
+            tied_embeddings=bool(get("tie_word_embeddings", False)),
+        )
+
+    def components(self) -> dict[str, int]:
+        """Parameters by component: what each part of the model holds."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)  # q,o,k,v
+        mlp = 3 * self.hidden * self.intermediate  # gate, up, down
+        return {
+            "embeddings": self.vocab * self.hidden,
+            "attention": self.layers * attention,
+            "mlp": self.layers * mlp,
+            "norms": (2 * self.layers + 1) * self.hidden,  # two per layer + the final one
+            "lm_head": 0 if self.tied_embeddings else self.vocab * self.hidden,
+        }
+
+    @property
+    def params(self) -> int:
+        return sum(self.components().values())
+
+    @property
+    def linear_params(self) -> int:
+        """Weights that multiply every token: all but the input embedding (a decode step reads one
+        row of it per token), unless the output layer shares it."""
+        return self.params - (0 if self.tied_embeddings else self.vocab * self.hidden)
+
+
+_CONFIG_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "vocab_size")  # fmt: skip
+
+
+def _sizes(shape, batch, tokens, bytes_per_value, tokens_name="context"):
+    """The checked arguments of the formulas below (a `Shape`, whole counts, bytes per value)."""
+    if not isinstance(shape, Shape):
+        raise TypeError(f"shape must be a shapes.Shape, got {shape!r}: pass shapes.Shape.of(...)")
+    checks.whole("batch", batch, minimum=0)
+    checks.whole(tokens_name, tokens, minimum=0)
+    checks.positive("bytes_per_value", bytes_per_value)
+
+
+def kv_cache_bytes(shape: Shape, batch: int, context: int, bytes_per_value: float) -> int:
+    """Keys and values of all layers: 2 · layers · batch · context · kv_heads · head_dim · bytes."""
+    _sizes(shape, batch, context, bytes_per_value)
+    return int(
+        2 * shape.layers * batch * context * shape.kv_heads * shape.head_dim * bytes_per_value
+    )
+
+
+def logits_bytes(shape: Shape, batch: int, positions: int, bytes_per_value: float = 4) -> int:
+    """Scores over the vocabulary for `positions` tokens of each sequence."""
+    _sizes(shape, batch, positions, bytes_per_value, "positions")
+    return int(batch * positions * shape.vocab * bytes_per_value)
+
+
+def activation_bytes(
+    shape: Shape, batch: int, tokens: int, bytes_per_value: float, tp: int = 1
+) -> int:
+    """Estimated peak of the temporaries inside one layer while `tokens` per sequence flow through.
+
+    The widest point is the MLP: the residual stream and its normed copy (2 · hidden) live
+    beside the gate, up and their product (3 · intermediate). Layers run one after another, so
+    this does not grow with depth. Tensor parallelism splits the MLP's width over `tp` devices.
+    An estimate, checked against measurement in notebook 02.
+    """
+    _sizes(shape, batch, tokens, bytes_per_value, "tokens")
+    tp = checks.whole("tp", tp)
+    width = 2 * shape.hidden + 3 * shape.intermediate // tp
+    return int(batch * tokens * width * bytes_per_value)
+
+
+def check_tp_degree(tp: int, *, heads: int, kv_heads: int, intermediate: int) -> int:
+    """`tp` if it splits the attention heads, KV heads and MLP evenly; else say which degrees do."""
+    tp = checks.whole("TP degree", tp)
+    for what, n in (
+        ("attention heads", heads),
+        ("KV heads", kv_heads),
+        ("MLP width", intermediate),
+    ):
+        if n % tp:
+            divisors = [d for d in range(1, n + 1) if n % d == 0 and heads % d == 0
+                        and kv_heads % d == 0 and intermediate % d == 0]  # fmt: skip
+            raise ValueError(
+                f"TP degree {tp} does not divide the {n} {what}; use one of {divisors}."
+            )
+    return tp
+
+
+def allreduce_bus_bytes(message_bytes: float, world: int) -> float:
+    """Bytes each rank sends in a ring all-reduce: 2 (p−1)/p × message."""
+    return 2 * (world - 1) / world * message_bytes
+
+
+def serving_memory(
+    shape: Shape,
+    batch: int,
+    context: int,
+    weight_bytes_per_param: float,
+    value_bytes: float,
+    tp: int = 1,
+    prefill_tokens: int | None = None,
+    all_logits: bool = False,
+) -> dict[str, int]:
+    """Bytes per device to serve `batch` sequences of `context` tokens, by component.
+
+    `value_bytes` is the size of one cached key/value, activation or logit (2 in bf16/fp16):
+    quantizing the weights does not change it.
+    Tensor parallelism over `tp` devices splits weights, KV heads and the activations of the
+    split layers; each device keeps full-size logits here (the course's loop gathers them).
+    `prefill_tokens` (default: the whole context) is how many prompt tokens go through at once;
+    `all_logits` keeps scores for every prompt position instead of only the last one.
+    """
+    _sizes(shape, batch, context, value_bytes)
+    checks.positive("weight_bytes_per_param", weight_bytes_per_param)
+    check_tp_degree(tp, heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate)
+    tokens = context if prefill_tokens is None else checks.whole("prefill_tokens", prefill_tokens)
+    return {
+        "weights": int(shape.params * weight_bytes_per_param / tp),
+        "kv_cache": kv_cache_bytes(shape, batch, context, value_bytes) // tp,
+        "activations": activation_bytes(shape, batch, tokens, value_bytes, tp),
+        "logits": logits_bytes(shape, batch, tokens if all_logits else 1, value_bytes),
+    }
+
+
+def format_bytes(n: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
