@@ -86,22 +86,26 @@ def measure(
     repeats: int = 10,
     device: torch.device | str | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    before_each: Callable[[], object] | None = None,
     **meta,
 ) -> Timing:
     """Run `fn` `warmup` times untimed, then time `repeats` runs.
 
     On CUDA each run is timed with CUDA events (device time, not launch time); elsewhere with
-    `clock`, synchronising the device around each run.
+    `clock`, synchronising the device around each run. `before_each` runs untimed before every
+    timed run (e.g. a barrier, so that all ranks of a collective start together).
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     device = torch.device(device) if device is not None else None
     for _ in range(warmup):
         fn()
-    if device is not None and device.type == "cuda":
+    if device is not None and device.type == "cuda" and before_each is None:
         return Timing(name, _cuda_event_samples(fn, repeats, device), meta)
     samples = []
     for _ in range(repeats):
+        if before_each is not None:
+            before_each()
         synchronize(device)
         start = clock()
         fn()

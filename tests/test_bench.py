@@ -41,3 +41,14 @@ def test_row_and_str():
 def test_repeats_must_be_positive():
     with pytest.raises(ValueError, match="repeats"):
         measure(lambda: None, repeats=0)
+
+
+def test_before_each_runs_untimed_before_every_timed_run():
+    calls = []
+    ticks = iter(range(100))
+    timing = bench.measure(
+        lambda: calls.append("fn"), warmup=1, repeats=3,
+        before_each=lambda: calls.append("before"), clock=lambda: next(ticks),
+    )  # fmt: skip
+    assert calls == ["fn"] + ["before", "fn"] * 3
+    assert timing.samples == [1, 1, 1]  # the clock ticks once per read: before_each is outside
