@@ -46,7 +46,7 @@ def test_repeats_must_be_positive():
 def test_before_each_runs_untimed_before_every_timed_run():
     calls = []
     ticks = iter(range(100))
-    timing = bench.measure(
+    timing = measure(
         lambda: calls.append("fn"), warmup=1, repeats=3,
         before_each=lambda: calls.append("before"), clock=lambda: next(ticks),
     )  # fmt: skip
