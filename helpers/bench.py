@@ -78,6 +78,16 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.mps.synchronize()
 
 
+def timed(fn: Callable[[], object], device=None, clock: Callable[[], float] = time.perf_counter):
+    """`(fn(), seconds)`: one run, with the device synchronised before the start and the stop, so
+    the time covers the work and not only its launch. The one stopwatch every loop uses."""
+    synchronize(device)
+    start = clock()
+    result = fn()
+    synchronize(device)
+    return result, clock() - start
+
+
 def measure(
     fn: Callable[[], object],
     *,
@@ -106,11 +116,7 @@ def measure(
     for _ in range(repeats):
         if before_each is not None:
             before_each()
-        synchronize(device)
-        start = clock()
-        fn()
-        synchronize(device)
-        samples.append(clock() - start)
+        samples.append(timed(fn, device, clock)[1])
     return Timing(name, samples, meta)
 
 

@@ -18,7 +18,6 @@ machinery; it produces exactly the logits of the model's own forward.
 
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from helpers import checks
-from helpers.bench import measure, quartiles, synchronize
+from helpers.bench import measure, quartiles, synchronize, timed
 from helpers.device import check_finite
 from helpers.shapes import Shape
 
@@ -288,15 +287,13 @@ def greedy_decode(
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
     positions = torch.arange(prompt_len + new_tokens, device=device)
 
-    synchronize(device)
-    start = clock()
-    if all_logits:
+    def first_token():
+        if not all_logits:
+            return prefill(model, input_ids, cache)
         logits = forward(model, input_ids, cache, 0, all_logits=True)[:, -1]
-        token = check_finite("the prompt's logits", logits).argmax(-1, keepdim=True)
-    else:
-        token = prefill(model, input_ids, cache)
-    synchronize(device)
-    ttft = clock() - start
+        return check_finite("the prompt's logits", logits).argmax(-1, keepdim=True)
+
+    token, ttft = timed(first_token, device, clock)
 
     out, step_s = [token], []
     for pos in range(prompt_len, prompt_len + new_tokens - 1):
@@ -304,12 +301,10 @@ def greedy_decode(
             finished |= token == eos_token_id
             if finished.all():
                 break
-        start = clock()
-        token = step(token, positions[pos : pos + 1])
+        token, seconds = timed(lambda t=token, p=pos: step(t, positions[p : p + 1]), device, clock)
         if eos_token_id is not None:
             token = torch.where(finished, pad, token)  # finished sequences emit padding
-        synchronize(device)
-        step_s.append(clock() - start)
+        step_s.append(seconds)
         out.append(token)
     return Generation(torch.cat(out, dim=1), ttft, step_s, mode, setup_s)
 
@@ -331,14 +326,10 @@ def generate_timing(model, input_ids: torch.Tensor, new_tokens: int, repeats: in
     )
 
     def total(n: int) -> float:
-        times = []
-        for _ in range(repeats + 1):  # the first run is a warm-up
-            synchronize(input_ids.device)
-            start = time.perf_counter()
+        def run():
             model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-            synchronize(input_ids.device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
+
+        return measure(run, warmup=1, repeats=repeats, device=input_ids.device).median
 
     one, many = total(1), total(new_tokens)
     return {"ttft_s": one, "tpot_s": (many - one) / (new_tokens - 1), "latency_s": many}

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DATA_DIR, checks, planner
+from helpers.bench import timed
 from helpers.decode import _check_llama, _layers
 from helpers.device import check_finite
 
@@ -438,12 +439,15 @@ def run(
             else:
                 now = pending[0].request.arrival_s
             continue
-        t0 = time.perf_counter()
-        work = engine._plan()
+        work, plan_s = timed(engine._plan)  # the scheduler's own time counts in the step
         if not work:  # everything planned was preempted: admit again
             continue
-        new_tokens, shape = engine._step(work), _shape(work)
-        step_s = time.perf_counter() - t0 if clock == "wall" else float(clock(shape))
+        device = (
+            engine.cache.keys[0].device if engine.cache is not None else None
+        )  # None: simulated
+        new_tokens, run_s = timed(lambda w=work: engine._step(w), device)
+        shape = _shape(work)
+        step_s = plan_s + run_s if clock == "wall" else float(clock(shape))
         engine.log(now, step_s, work, shape, arrived, finished)
         now += step_s
         emitted = iter(new_tokens)
