@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -18,6 +19,8 @@ FIGURES_DIR = Path(os.environ.get("COURSE_FIGURES", BUILD_DIR / "figures"))
 def use_style() -> None:
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
     plt.rcParams.update({"figure.figsize": (7.5, 4.5), "figure.dpi": 100, "savefig.dpi": 120})
+    # log axes label 0.01 … 100 as plain numbers (matplotlib's default writes "2×10⁰")
+    plt.rcParams["axes.formatter.min_exponent"] = 3
 
 
 def save(fig: plt.Figure, name: str) -> Path:
@@ -33,9 +36,11 @@ def roofline(
     points: list[dict] | None = None,
     bandwidth: float | None = None,
     ax: plt.Axes | None = None,
+    attainable: Callable[[float, float, float], float] = attainable_flops,
 ) -> plt.Axes:
     """Roofline per dtype from measured ceilings, with measured points on it.
 
+    `attainable(intensity, peak, bandwidth)` draws the roofs (notebook 00 passes its own).
     `points`: dicts with `intensity` (FLOP/byte), `flops` (FLOP/s) and optionally `label`,
     `dtype` (coloured like that dtype's roof), `marker` and `xytext` (label offset in points).
     """
@@ -44,7 +49,7 @@ def roofline(
     intensities = np.logspace(-2, 4, 200)
     colors = dict(zip(ceilings.matmul_flops, sns.color_palette(), strict=False))
     for dtype, peak in ceilings.matmul_flops.items():
-        roof = [attainable_flops(i, peak, bandwidth) for i in intensities]
+        roof = [attainable(i, peak, bandwidth) for i in intensities]
         label = f"{dtype} matmul peak {peak / 1e9:,.0f} GFLOP/s"
         ax.plot(intensities, roof, color=colors[dtype], label=label)
     ax.plot(intensities, intensities * bandwidth, ls=":", color="grey",
@@ -91,4 +96,18 @@ def three_limits(sweep, overhead_s: float, ax: plt.Axes | None = None) -> plt.Ax
     ax.set(xscale="log", yscale="log", xlabel="first-principles time per product (s)",
            ylabel="measured time per product (s)")  # fmt: skip
     ax.legend(fontsize=8)
+    return ax
+
+
+def step_overhead(steps, fit, ax: plt.Axes | None = None) -> plt.Axes:
+    """Decode-step time of tiny-width models against their layer count, with the fitted line
+    (`helpers.overhead.step_overhead` rows and `fit_line` of them)."""
+    ax = ax or plt.subplots(figsize=(6, 3.2))[1]
+    ms = 1e3
+    spread = [(steps.step_s - steps.q1_s) * ms, (steps.q3_s - steps.step_s) * ms]
+    ax.errorbar(steps.layers, steps.step_s * ms, yerr=spread, fmt="o", capsize=3)
+    label = f"{fit.intercept * ms:.2f} ms + {fit.slope * ms:.3f} ms × layers"
+    ax.plot(steps.layers, fit(steps.layers) * ms, color="black", lw=1, label=label)
+    ax.set(xlabel="layers (hidden size 64: bytes and FLOPs ≈ 0)", ylabel="ms per decode step")
+    ax.legend()
     return ax

@@ -138,6 +138,14 @@ def monotonic(
     return Decision(FAILS if backwards or sign * (last - first) < 0 else HOLDS, rule)
 
 
+def ms(median_s: float, q1_s: float | None = None, q3_s: float | None = None) -> str:
+    """Evidence text of a timing given in seconds: '12.3 ms (IQR 11.9–12.8)'."""
+    text = f"{median_s * 1e3:.3g} ms"
+    if q1_s is not None and q3_s is not None:
+        text += f" (IQR {q1_s * 1e3:.3g}–{q3_s * 1e3:.3g})"
+    return text
+
+
 def row(claim: str, evidence: str, decision: Decision | tuple[str, str]) -> dict[str, str]:
     """One table row: the claim, this run's numbers (formatted by the caller), rule and verdict."""
     verdict, rule = decision

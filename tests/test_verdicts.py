@@ -100,3 +100,8 @@ def test_table_renders_long_text_in_full():
 def test_table_rejects_rows_of_the_wrong_width():
     with pytest.raises(ValueError, match="4 fields"):
         verdicts.table([("claim", "evidence", HOLDS)])
+
+
+def test_ms_formats_a_timing_and_its_spread():
+    assert verdicts.ms(0.01234) == "12.3 ms"
+    assert verdicts.ms(0.01234, 0.0119, 0.0128) == "12.3 ms (IQR 11.9–12.8)"
