@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -30,6 +31,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from helpers import checks
 from helpers.bench import measure, quartiles, synchronize, timed
 from helpers.device import check_finite
+from helpers.memory import release_freed_memory
 from helpers.shapes import Shape
 
 
@@ -52,10 +54,9 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float:
-        """Decode throughput: the batch's tokens per second of a decode step (batch ÷ TPOT);
-        with a single token, tokens ÷ latency."""
-        batch = self.tokens.shape[0]
-        return batch / self.tpot_s if self.step_s else batch / self.latency_s
+        """Throughput, the course's one definition: generated tokens ÷ end-to-end latency
+        (prefill included), summed over the batch — as the planner and the serving loop count it."""
+        return self.tokens.numel() / self.latency_s
 
     def row(self, **extra) -> dict:
         q1, _, q3 = quartiles(self.step_s) if self.step_s else (0.0, 0.0, 0.0)
@@ -307,6 +308,41 @@ def greedy_decode(
         step_s.append(seconds)
         out.append(token)
     return Generation(torch.cat(out, dim=1), ttft, step_s, mode, setup_s)
+
+
+def sweep(
+    model,
+    prompts,
+    batches,
+    new_tokens: int = 12,
+    *,
+    compiled: bool = False,
+    warmup_tokens: int = 4,
+    labels: dict | None = None,
+) -> pd.DataFrame:
+    """`greedy_decode` timed at every prompt length × batch size: one row per point
+    (`Generation.row()` plus `prompt`, `setup_s` of the first, compiling run, and `labels`).
+
+    Each point is warmed up first (with `warmup_tokens`, which also compiles or captures the
+    step when `compiled`); only last-position logits are computed, as serving engines do. A point
+    that runs out of memory becomes a row with `oom=True`, and the sweep goes on.
+    """
+    device = next(model.parameters()).device
+    vocab = Shape.of(model.config).vocab
+    rows = []
+    for prompt in prompts:
+        for batch in batches:
+            point = {**(labels or {}), "prompt": prompt, "batch": batch}
+            ids = torch.randint(0, vocab, (batch, prompt), device=device)
+            try:
+                warm = greedy_decode(model, ids, warmup_tokens, all_logits=False, compiled=compiled)
+                gen = greedy_decode(model, ids, new_tokens, all_logits=False, compiled=compiled)
+            except (torch.OutOfMemoryError, MemoryError):
+                release_freed_memory()
+                rows.append({**point, "oom": True})
+                continue
+            rows.append({**point, **gen.row(), "setup_s": warm.setup_s, "oom": False})
+    return pd.DataFrame(rows)
 
 
 @torch.inference_mode()

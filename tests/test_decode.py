@@ -70,6 +70,13 @@ def test_timings_are_reported(tiny_llama):
     assert gen.row()["new_tokens"] == 5
 
 
+def test_throughput_counts_prefill_and_the_whole_batch(tiny_llama):
+    readings = iter([0, 3] + [t for s in range(3, 7) for t in (s, s + 1)]).__next__
+    gen = decode.greedy_decode(tiny_llama, torch.zeros(2, 4, dtype=torch.long), 5, clock=readings)
+    assert gen.ttft_s == 3 and gen.latency_s == 7  # 3 s of prefill, then 4 steps of 1 s
+    assert gen.tokens_per_s == 2 * 5 / 7  # not batch ÷ TPOT (2 tokens/s)
+
+
 def test_decode_one_token_equals_the_sliced_forward(tiny_llama):
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
     a = decode.KVCache(tiny_llama.config, 2, 9, torch.float32, "cpu")
@@ -137,3 +144,23 @@ def test_bad_input(tiny_llama):
         decode.greedy_decode(tiny_llama, torch.zeros(1, 0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="at least 2"):
         decode.generate_timing(tiny_llama, ids, 1)
+
+
+def test_sweep_records_every_point_and_survives_out_of_memory(tiny_llama, monkeypatch):
+    real = decode.greedy_decode
+
+    def short_of_memory(model, ids, *args, **kwargs):
+        if ids.shape[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "greedy_decode", short_of_memory)
+    rows = decode.sweep(
+        tiny_llama, prompts=[3, 5], batches=[1, 4, 2], new_tokens=4, labels={"dtype": "fp32"}
+    )
+    assert list(zip(rows.prompt, rows.batch, rows.oom, strict=True)) == [
+        (3, 1, False), (3, 4, True), (3, 2, False), (5, 1, False), (5, 4, True), (5, 2, False)
+    ]  # fmt: skip
+    ok = rows[~rows.oom]
+    assert (ok.new_tokens == 4).all() and (ok.dtype == "fp32").all()
+    assert (ok.tokens_per_s == ok.batch * 4 / ok.latency_s).all()

@@ -44,30 +44,20 @@ def smollm2_or_its_shape(dev, dtype):
 
 def decode_rows(name, model, source, batches, bw, dev, new_tokens=64, prompt_len=16):
     weights = memory.weight_bytes(model)
-    rows = []
-    for batch in batches:
-        ids = torch.randint(100, 1000, (batch, prompt_len), device=dev)
-        try:
-            decode.greedy_decode(model, ids, 8)  # warm-up
-            runs = [decode.greedy_decode(model, ids, new_tokens) for _ in range(3)]
-        except torch.OutOfMemoryError:
-            rows.append({"model": name, "batch": batch, "method": "static-cache loop", "oom": True})
-            torch.cuda.empty_cache()
-            continue
-        steps = pd.Series([s for r in runs for s in r.step_s])
-        common = {"model": name, "source": source, "batch": batch, "prompt_len": prompt_len,
-                  "new_tokens": new_tokens, "weight_bytes": weights,
-                  "floor_s": weights / bw}  # fmt: skip
-        rows.append({**common, "method": "static-cache loop", "tpot_s": steps.median(),
-                     "tpot_q1_s": steps.quantile(0.25), "tpot_q3_s": steps.quantile(0.75),
-                     "ttft_s": pd.Series([r.ttft_s for r in runs]).median()})  # fmt: skip
-        if batch in (1, 16):
-            hf = decode.generate_timing(model, ids, new_tokens)
-            rows.append({**common, "method": "generate", "tpot_s": hf["tpot_s"],
-                         "ttft_s": hf["ttft_s"]})  # fmt: skip
-            matmul_s = decode.matmuls_only(model, batch=batch, repeats=20)
-            rows.append({**common, "method": "matmuls only", "tpot_s": matmul_s})
-        print(f"{name} batch {batch}: {steps.median() * 1e3:.2f} ms/token", flush=True)
+    common = {"model": name, "source": source, "prompt_len": prompt_len, "new_tokens": new_tokens,
+              "weight_bytes": weights, "floor_s": weights / bw}  # fmt: skip
+    loop = decode.sweep(model, [prompt_len], batches, new_tokens, warmup_tokens=8, labels=common)
+    rows = loop.assign(method="static-cache loop").to_dict("records")
+    for batch in [b for b in (1, 16) if b in batches]:
+        ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
+        hf = decode.generate_timing(model, ids, new_tokens)
+        rows.append({**common, "batch": batch, "method": "generate", "tpot_s": hf["tpot_s"],
+                     "ttft_s": hf["ttft_s"]})  # fmt: skip
+        matmul_s = decode.matmuls_only(model, batch=batch, repeats=20)
+        rows.append({**common, "batch": batch, "method": "matmuls only", "tpot_s": matmul_s})
+    for r in rows[: len(loop)]:
+        if not r["oom"]:
+            print(f"{name} batch {r['batch']}: {r['tpot_s'] * 1e3:.2f} ms/token", flush=True)
     return rows
 
 

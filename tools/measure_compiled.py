@@ -23,27 +23,27 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers import DATA_DIR, device, memory, models, noise, overhead, roofline  # noqa: E402
-from helpers.decode import greedy_decode  # noqa: E402
+from helpers.decode import sweep  # noqa: E402
 
 
 def rows_for(model, name: str, source: str, batches, dev, bandwidth: float) -> list[dict]:
     weights = memory.weight_bytes(model)
-    rows = []
-    for batch in batches:
-        ids = torch.randint(100, 10_000, (batch, 16), device=dev)
-        for compiled in (False, True):
-            try:
-                warm = greedy_decode(model, ids, 64, compiled=compiled, all_logits=False)
-                gen = greedy_decode(model, ids, 64, compiled=compiled, all_logits=False)
-            except torch.OutOfMemoryError:
-                rows.append({"model": name, "batch": batch, "compiled": compiled, "oom": True})
-                torch.cuda.empty_cache()
-                continue
-            rows.append({"model": name, "source": source, **gen.row(), "compiled": compiled,
-                         "setup_s": warm.setup_s, "weight_bytes": weights,
-                         "floor_s": weights / bandwidth, "oom": False})  # fmt: skip
-            print(f"{name} batch {batch} {gen.mode}: {gen.tpot_s * 1e3:.3f} ms/token "
-                  f"(compile/capture {warm.setup_s:.1f} s)", flush=True)  # fmt: skip
+    labels = {
+        "model": name,
+        "source": source,
+        "weight_bytes": weights,
+        "floor_s": weights / bandwidth,
+    }
+    frames = [
+        sweep(model, [16], batches, 64, compiled=compiled, warmup_tokens=64, labels=labels
+              ).assign(compiled=compiled)
+        for compiled in (False, True)
+    ]  # fmt: skip
+    rows = pd.concat(frames).sort_values(["batch", "compiled"]).to_dict("records")
+    for r in rows:
+        if not r["oom"]:
+            print(f"{name} batch {r['batch']} {r['mode']}: {r['tpot_s'] * 1e3:.3f} ms/token "
+                  f"(compile/capture {r['setup_s']:.1f} s)", flush=True)  # fmt: skip
     return rows
 
 
