@@ -477,3 +477,31 @@ def best_config(model, gpu, gpus: int, tpot_budget_ms: float, **kwargs) -> pd.Se
     table = candidates(model, gpu, gpus, **kwargs)
     ok = table[table.fits & (table.tpot_ms <= tpot_budget_ms)]
     return None if ok.empty else ok.loc[ok.tokens_per_s.idxmax()]
+
+
+# Published metrics, and how a prediction is put in the same unit: the metric names come from
+# data/published_results.csv (gpt-fast reports a single stream's tokens/s: 1 ÷ TPOT).
+_PUBLISHED_UNITS = {
+    "tokens_per_s": ("ms/token", lambda p: p.tpot_s * 1e3, lambda v: 1e3 / v),
+    "ms_per_token": ("ms/token", lambda p: p.tpot_s * 1e3, lambda v: v),
+    "ttft_ms": ("TTFT ms", lambda p: p.ttft_s * 1e3, lambda v: v),
+    "tokens_per_s_total": ("tokens/s", lambda p: p.tokens_per_s, lambda v: v),
+}
+
+
+def versus_published(roles=("check", "calibration")) -> pd.DataFrame:
+    """Every published speed row (of `roles`) beside the planner's prediction for it, run by the
+    row's engine on its GPU at its TP, batch and prompt, in the row's unit, with the error."""
+    rows = []
+    table = published_results()
+    for r in table[table.role.isin(roles)].itertuples():
+        p = predict(model=r.model, gpu=gpu(r.gpu, r.engine), dtype=r.dtype, tp=int(r.tp),
+                    batch=int(r.batch), prompt_tokens=int(r.prompt_tokens),
+                    new_tokens=128 if r.metric == "tokens_per_s_total" else 200)  # fmt: skip
+        unit, predicted, published = _PUBLISHED_UNITS[r.metric]
+        rows.append({"source": r.source, "role": r.role, "model": r.model, "gpu": r.gpu,
+                     "engine": r.engine, "dtype": r.dtype, "tp": int(r.tp), "batch": int(r.batch),
+                     "metric": unit, "published": published(r.value),
+                     "predicted": predicted(p)})  # fmt: skip
+    out = pd.DataFrame(rows)
+    return out.assign(error=out.predicted / out.published - 1)

@@ -101,35 +101,33 @@ def test_tp_gains_shrink_with_overhead():
     assert eager[0] / eager[1] < ideal_[0] / ideal_[1]  # fixed costs do not split over GPUs
 
 
-def published_speed_rows():
-    t = planner.published_results()
-    return t[t.role.isin(["check", "calibration"])]
+VERSUS_PUBLISHED = planner.versus_published()
 
 
 @pytest.mark.parametrize(
     "row",
-    list(published_speed_rows().itertuples()),
+    list(VERSUS_PUBLISHED.itertuples()),
     ids=lambda r: f"{r.source}-{r.model}-{r.dtype}-tp{r.tp}-b{r.batch}-{r.metric}",
 )
 def test_published_rows_within_25_percent(row):
-    spec = planner.gpu(row.gpu, row.engine)
-    new = 128 if row.metric == "tokens_per_s_total" else 200
-    p = planner.predict(
-        model=row.model,
-        gpu=spec,
-        dtype=row.dtype,
-        tp=int(row.tp),
-        batch=int(row.batch),
-        prompt_tokens=int(row.prompt_tokens),
-        new_tokens=new,
-    )
-    predicted, published = {
-        "tokens_per_s": (p.tpot_s, 1 / row.value),
-        "ms_per_token": (p.tpot_s * 1e3, row.value),
-        "ttft_ms": (p.ttft_s * 1e3, row.value),
-        "tokens_per_s_total": (p.tokens_per_s, row.value),
-    }[row.metric]
-    assert predicted == pytest.approx(published, rel=0.25)
+    assert row.predicted == pytest.approx(row.published, rel=0.25)
+
+
+def test_versus_published_puts_a_prediction_in_the_rows_unit():
+    t = planner.published_results()
+    r = t[(t.source == "gpt-fast") & (t.model == "llama-2-7b") & (t.dtype == "bf16") & (t.tp == 1)]
+    r = r.iloc[0]
+    assert r.metric == "tokens_per_s"  # gpt-fast reports one stream's tokens/s
+    spec = planner.gpu(r.gpu, r.engine)
+    p = planner.predict(model="llama-2-7b", gpu=spec, dtype="bf16", batch=int(r.batch),
+                        prompt_tokens=int(r.prompt_tokens), new_tokens=200)  # fmt: skip
+    v = VERSUS_PUBLISHED
+    mine = v[
+        (v.source == "gpt-fast") & (v.model == "llama-2-7b") & (v.dtype == "bf16") & (v.tp == 1)
+    ]
+    assert mine.published.item() == pytest.approx(1e3 / r.value)  # ms per token
+    assert mine.predicted.item() == pytest.approx(p.tpot_s * 1e3)
+    assert len(VERSUS_PUBLISHED) == t.role.isin(["check", "calibration"]).sum()
 
 
 def test_engine_constants_come_from_the_derivation():
