@@ -111,3 +111,54 @@ def step_overhead(steps, fit, ax: plt.Axes | None = None) -> plt.Axes:
     ax.set(xlabel="layers (hidden size 64: bytes and FLOPs ≈ 0)", ylabel="ms per decode step")
     ax.legend()
     return ax
+
+
+def batch_sweep(runs, critical_batch: float) -> plt.Figure:
+    """TPOT (with its spread) and throughput against the batch, one line per prompt length
+    (`helpers.decode.sweep` rows), with the predicted critical batch."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for prompt, g in runs[~runs.oom].groupby("prompt"):
+        spread = [(g.tpot_s - g.tpot_q1_s) * 1e3, (g.tpot_q3_s - g.tpot_s) * 1e3]
+        axes[0].errorbar(g.batch, g.tpot_s * 1e3, yerr=spread, marker="o", capsize=3,
+                         label=f"prompt {prompt}")  # fmt: skip
+        axes[1].plot(g.batch, g.tokens_per_s, marker="o", label=f"prompt {prompt}")
+    for ax in axes:
+        ax.axvline(critical_batch, color="grey", ls="--", label="predicted critical batch")
+        ax.set(xscale="log", xlabel="batch")
+        ax.legend(fontsize=8)
+    axes[0].set(ylabel="ms per output token (TPOT)", title="latency per step")
+    axes[1].set(ylabel="tokens/s (generated ÷ latency)", yscale="log", title="throughput")
+    return fig
+
+
+def frontier(points, front, knobs: list[str], ax: plt.Axes | None = None) -> plt.Axes:
+    """Every configuration as a point (latency, throughput), marked by the first knob, with the
+    Pareto frontier `front` (a subset of `points`) drawn through its points and labelled."""
+    ax = ax or plt.subplots()[1]
+    for value, g in points.groupby(knobs[0]):
+        ax.scatter(g.latency_s, g.tokens_per_s, alpha=0.5, label=f"{knobs[0]} {value}")
+    front = front.sort_values("latency_s")
+    ax.plot(front.latency_s, front.tokens_per_s, "-", color="black", lw=1, label="frontier")
+    for r in front.itertuples():
+        text = ", ".join(str(getattr(r, k)) for k in knobs[1:])
+        ax.annotate(text, (r.latency_s, r.tokens_per_s), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="end-to-end latency of a request (s)",
+           ylabel="tokens/s (generated ÷ latency)")  # fmt: skip
+    ax.legend(fontsize=8)
+    return ax
+
+
+def sla(table, best, budget_ms: float, ax: plt.Axes | None = None) -> plt.Axes:
+    """The planner's candidates (TPOT against tokens/s, by precision), the budget, the best."""
+    ax = ax or plt.subplots(figsize=(7.5, 4))[1]
+    for name, g in table[table.fits].groupby("dtype"):
+        ax.scatter(g.tpot_ms, g.tokens_per_s, s=10, label=name)
+    ax.axvline(budget_ms, color="red", ls="--", label="budget")
+    if best is not None:
+        label = f"best: {best.dtype}, TP {best.tp} × {best.replicas}, batch {best.batch}"
+        ax.scatter([best.tpot_ms], [best.tokens_per_s], s=150, marker="*", color="black",
+                   label=label)  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="TPOT (ms)", ylabel="tokens/s on all GPUs")
+    ax.legend(fontsize=7)
+    return ax
