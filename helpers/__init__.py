@@ -1,7 +1,9 @@
-"""Helpers for the LLM-serving course: measurement plumbing the notebooks share.
+"""Helpers for the LLM-serving course: the plumbing the notebooks share.
 
-The teaching code lives in the notebooks; this package holds what every notebook needs
-(device choice, timing, memory readings, ceilings, model loading, plots).
+Each notebook writes the idea it teaches in its own cells (tagged `idea`, imported by the tests);
+this package holds what every notebook needs and a learner need not read — shapes and byte
+formulas, timing, memory readings, ceilings, model loading, fast kernels, plots — in five layers
+that import one way (docs/ARCHITECTURE.md).
 """
 
 import os
