@@ -1,7 +1,10 @@
-"""Quantization: reference quantizers, backends by name (with capability detection), size, quality.
+"""Quantization plumbing: the general quantizer, quantized linears, backends by name (with
+capability detection), size, quality, and the measurement of every backend.
 
-The quantizers at the top are the teaching code notebook 01 shows; the backends below apply real
-kernels to a model: PyTorch's own int8/int4 weight-only matmuls, torchao, bitsandbytes (CUDA only),
+Notebook 01 writes the idea itself (int8 absmax per channel, int4 with zero points per group of
+64, dequantize then matmul); tests/test_notebook_01.py checks it against `quantize` here. The
+linears keep a readable dequantize-then-matmul path that runs on any device, with PyTorch's
+packed CPU kernels as the fast path; the backends also apply torchao, bitsandbytes (CUDA only)
 and the deprecated `torch.ao` dynamic quantization that old tutorials use.
 """
 
@@ -9,15 +12,18 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from helpers import checks
+from helpers import checks, decode
+from helpers.bench import Timing
 from helpers.device import as_device, check_finite, cpu_has_int8_dot_product
-from helpers.memory import release_freed_memory
+from helpers.memory import PeakMemory, release_freed_memory, rss_bytes, weight_bytes
+from helpers.shapes import WEIGHT_BYTES, Shape
 
 # --- Quantizers, written out -----------------------------------------------------------------
 
@@ -94,48 +100,138 @@ def fake_quantize(w, **kwargs) -> torch.Tensor:
     return dequantize(*quantize(w, **kwargs), w.shape)
 
 
-# --- Kernels PyTorch ships: int8 and int4 weight-only matmuls --------------------------------
+def quantization_errors(
+    w: torch.Tensor, bits: Sequence[int] = (2, 3, 4, 6, 8), group_size: int = 64
+) -> pd.DataFrame:
+    """Relative error ‖ŵ − w‖ / ‖w‖ of `w` for each bit width × granularity × scheme."""
+    rows = []
+    for b in bits:
+        for granularity in GRANULARITIES:
+            for symmetric in (True, False):
+                approx = fake_quantize(w, bits=b, granularity=granularity,
+                                       group_size=group_size, symmetric=symmetric)  # fmt: skip
+                rows.append({"bits": b, "granularity": granularity,
+                             "scheme": "absmax" if symmetric else "zero-point",
+                             "error": ((approx - w).norm() / w.norm()).item()})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def outlier_ratios(model, matrices: Sequence[str] = ("self_attn.q_proj", "mlp.down_proj")):
+    """max |w| / std(w) of each named weight matrix in every decoder layer (a Llama's)."""
+    rows = []
+    for i, layer in enumerate(model.model.layers):
+        for name in matrices:
+            w = layer.get_submodule(name).weight.detach().float()  # a copy, freed each turn
+            rows.append({"layer": i, "matrix": name, "max / std": (w.abs().max() / w.std()).item()})
+    return pd.DataFrame(rows)
+
+
+@torch.inference_mode()
+def capture_input(model, module: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The input `module` receives while `model` runs on `input_ids` (detached)."""
+    captured = []
+    hook = module.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+    try:
+        model(input_ids)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+# --- Quantized linears: a readable path everywhere, PyTorch's packed kernels where they exist --
+
+
+def _use_kernel(packed: bool | None, device: torch.device, op_name: str) -> bool:
+    """Whether a layer runs PyTorch's packed CPU kernel `op_name` (None: wherever it exists)."""
+    available = device.type == "cpu" and hasattr(torch, op_name)
+    if packed and not available:
+        raise ValueError(
+            f"packed=True needs torch.{op_name} on a CPU tensor (this is {device.type}); "
+            "pass packed=None to dequantize then matmul where the kernel is missing"
+        )
+    return available if packed is None else bool(packed)
 
 
 class Int8WeightOnlyLinear(torch.nn.Module):
-    """int8 weights with one scale per output channel; activations stay 16-bit."""
+    """int8 weights with one absmax scale per output channel; activations stay 16-bit.
 
-    def __init__(self, linear: torch.nn.Linear, compute_dtype=torch.bfloat16):
+    Two paths compute the same product: `dequantize then matmul` (readable, runs on any device)
+    and, on CPUs, PyTorch's fused `torch._weight_int8pack_mm`, which never writes ŵ to memory.
+    `packed=None` picks the kernel where it exists; True or False forces one path.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, compute_dtype=torch.bfloat16, packed=None):
         super().__init__()
         q, scale, _ = quantize(linear.weight.detach(), bits=8, granularity="channel")
         self.register_buffer("weight_int8", q.reshape(linear.weight.shape).to(torch.int8))
-        self.register_buffer("scale", scale.reshape(-1).to(compute_dtype))
+        self.register_buffer("scale", scale.reshape(-1).to(compute_dtype))  # (out,)
         self.bias = linear.bias
+        self.packed = _use_kernel(packed, linear.weight.device, "_weight_int8pack_mm")
+        self.path = "packed kernel" if self.packed else "dequantize then matmul"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """ŵ (out, in) = q · scale, in the compute dtype: the values this layer multiplies by."""
+        return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1]).to(self.scale.dtype)
-        y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        flat = x.reshape(-1, x.shape[-1]).to(self.scale.dtype)  # (tokens, in)
+        if self.packed:
+            y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        else:
+            y = flat @ self.dequantized_weight().T  # (tokens, in) · (in, out)
         y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
 class Int4WeightOnlyLinear(torch.nn.Module):
-    """int4 weights (asymmetric, one scale and zero per group), packed two per byte."""
+    """int4 weights, one scale and zero point per group of `group_size` (`quantize` with bits=4,
+    symmetric=False), two weights per byte.
 
-    def __init__(self, linear: torch.nn.Linear, group_size: int = 64):
+    Storage follows PyTorch's int4 kernels: per group a bf16 scale and a bf16 `offset`, the value
+    level 8 stands for, so ŵ = (q − 8) · scale + offset, which equals (q − zero) · scale. On CPUs
+    the weights are packed in the layout of `torch._weight_int4pack_mm_for_cpu` (fast path);
+    elsewhere (or with packed=False) two nibbles per byte in order and `dequantized_weight()`
+    then a plain matmul. Same bytes either way.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, group_size: int = 64, packed=None):
         super().__init__()
-        w = linear.weight.detach().float()
-        out_f, in_f = w.shape
-        g = _groups(w, "group", group_size)
-        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = (hi - lo).clamp(min=1e-6) / 15
-        zero = lo + 8 * scale  # PyTorch's int4 kernel dequantizes as (q − 8) · scale + zero
-        q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+        out_f, in_f = linear.weight.shape
+        q, scale, zero = quantize(linear.weight.detach(), bits=4, granularity="group",
+                                  group_size=group_size, symmetric=False)  # fmt: skip
+        q = q.reshape(out_f, in_f).to(torch.int32)  # (out, in), values 0 … 15
         self.group_size = group_size
-        self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        scales_zeros = torch.cat([scale.reshape(out_f, -1, 1), zero.reshape(out_f, -1, 1)], 2)
+        self.packed = _use_kernel(packed, linear.weight.device, "_weight_int4pack_mm_for_cpu")
+        self.path = "packed kernel" if self.packed else "dequantize then matmul"
+        if self.packed:
+            weight = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:
+            weight = (q[:, 0::2] | q[:, 1::2] << 4).to(torch.uint8)  # (out, in / 2)
+        self.register_buffer("weight_int4", weight)
+        offset = (8 - zero) * scale  # (out, groups, 1): the value of level 8
+        scales_zeros = torch.cat([scale, offset], 2)  # (out, groups, 2)
         self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous().bfloat16())
         self.bias = linear.bias
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """ŵ (out, in) in bf16, from the in-order nibbles (the unpacked layout only)."""
+        if self.packed:
+            raise RuntimeError(
+                "the weights are in the CPU kernel's layout; build with packed=False"
+            )
+        pairs = torch.stack([self.weight_int4 & 15, self.weight_int4 >> 4], -1)  # (out, in/2, 2)
+        out_f = pairs.shape[0]
+        q = pairs.reshape(out_f, -1, self.group_size).bfloat16()  # (out, groups, group_size)
+        scale, offset = self.scales_zeros.transpose(0, 1).unbind(-1)  # (out, groups) each
+        return ((q - 8) * scale[..., None] + offset[..., None]).reshape(out_f, -1)
+
     def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size,
-                                              self.scales_zeros)  # fmt: skip
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (tokens, in)
+        if self.packed:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size,
+                                                  self.scales_zeros)  # fmt: skip
+        else:
+            y = flat @ self.dequantized_weight().T  # (tokens, in) · (in, out)
         y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -159,19 +255,17 @@ class Backend:
     weights: str  # what the weights are stored as
     why_unsupported: Callable[[torch.device], str]  # "" when it runs on the device
     apply: Callable  # (load(dtype) -> model) -> quantized model
+    # Formats (keys of shapes.WEIGHT_BYTES) for the byte prediction: the attention and MLP
+    # linears; the embeddings and norms (and the output layer, unless `head` says otherwise);
+    # `head`: the format of an output layer the backend quantizes on its own — with tied
+    # embeddings that is a second, quantized copy of the embedding matrix.
+    linears: str = "fp32"
+    rest: str = "fp32"
+    head: str | None = None
 
 
 def _no_cuda(dev):
     return "" if dev.type == "cuda" else "bitsandbytes needs a CUDA GPU"
-
-
-def _cpu_op(op_name):
-    def check(dev):
-        if dev.type != "cpu":
-            return f"the course's {op_name} kernel is the CPU one; on GPUs use torchao"
-        return "" if hasattr(torch, op_name) else f"this torch has no torch.{op_name}"
-
-    return check
 
 
 def _torchao(dev):
@@ -227,12 +321,19 @@ def _apply_bnb(**kwargs):
 
 
 def _apply_torch_ao_dynamic(load):
-    # fp32 copies made from the 16-bit checkpoint: unlike a memory-mapped fp32 load, their
-    # memory is really released once quantization replaces them.
-    model = load(torch.bfloat16).float()
-    return torch.ao.quantization.quantize_dynamic(
-        model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
-    )
+    """What `quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8)` makes (every Linear,
+    the output layer included), converted one layer at a time from the 16-bit checkpoint: a whole
+    fp32 copy beside the bf16 one would double the memory this step needs."""
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    qconfig = torch.ao.quantization.default_dynamic_qconfig
+
+    def make(linear):
+        linear = linear.float()
+        linear.qconfig = qconfig
+        return dynamic.from_float(linear)
+
+    model = replace_linears(load(torch.bfloat16), make, skip=())
+    return model.float()  # embeddings and norms: the activations the int8 layers expect
 
 
 def _ok(dev):
@@ -242,28 +343,30 @@ def _ok(dev):
 BACKENDS = {
     b.name: b
     for b in [
-        Backend("fp32", "fp32", _ok, lambda load: load(torch.float32)),
-        Backend("bf16", "bf16", _ok, lambda load: load(torch.bfloat16)),
-        Backend("fp16", "fp16", _ok, lambda load: load(torch.float16)),
-        Backend("int8 weight-only (PyTorch op)", "int8, per channel",
-                _cpu_op("_weight_int8pack_mm"),
-                lambda load: replace_linears(load(torch.bfloat16), Int8WeightOnlyLinear)),
-        Backend("int4 weight-only (PyTorch op)", "int4, groups of 64",
-                _cpu_op("_weight_int4pack_mm_for_cpu"),
-                lambda load: replace_linears(load(torch.bfloat16), Int4WeightOnlyLinear)),
+        Backend("fp32", "fp32", _ok, lambda load: load(torch.float32), "fp32", "fp32"),
+        Backend("bf16", "bf16", _ok, lambda load: load(torch.bfloat16), "bf16", "bf16"),
+        Backend("fp16", "fp16", _ok, lambda load: load(torch.float16), "fp16", "fp16"),
+        Backend("int8 weight-only (PyTorch op)", "int8, per channel", _ok,
+                lambda load: replace_linears(load(torch.bfloat16), Int8WeightOnlyLinear),
+                "int8", "bf16"),
+        Backend("int4 weight-only (PyTorch op)", "int4, groups of 64", _ok,
+                lambda load: replace_linears(load(torch.bfloat16), Int4WeightOnlyLinear),
+                "int4", "bf16"),
         Backend("int8 weight-only (torchao)", "int8, per channel", _torchao,
-                _apply_torchao("Int8WeightOnlyConfig")),
+                _apply_torchao("Int8WeightOnlyConfig"), "int8", "bf16", head="int8"),
         Backend("int8 dynamic (torchao)", "int8 weights and activations", _torchao_int8_dynamic,
-                _apply_torchao("Int8DynamicActivationInt8WeightConfig")),
+                _apply_torchao("Int8DynamicActivationInt8WeightConfig"), "int8", "bf16",
+                head="int8"),
         Backend("int4 weight-only (torchao)", "int4, groups of 64", _torchao_int4,
-                _apply_torchao("Int4WeightOnlyConfig", group_size=64)),
+                _apply_torchao("Int4WeightOnlyConfig", group_size=64), "int4", "bf16",
+                head="int4"),
         Backend("int8 (bitsandbytes)", "int8 with outliers in fp16", _no_cuda,
-                _apply_bnb(load_in_8bit=True)),
+                _apply_bnb(load_in_8bit=True), "int8", "fp16"),
         Backend("nf4 (bitsandbytes)", "4-bit NormalFloat", _no_cuda,
                 _apply_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                           bnb_4bit_compute_dtype=torch.float16)),
+                           bnb_4bit_compute_dtype=torch.float16), "int4", "fp16"),
         Backend("torch.ao dynamic int8 (deprecated)", "int8 weights and activations",
-                _torch_ao_dynamic, _apply_torch_ao_dynamic),
+                _torch_ao_dynamic, _apply_torch_ao_dynamic, "int8", "fp32", head="int8"),
     ]
 }  # fmt: skip
 
@@ -272,6 +375,8 @@ def load_backend(name: str, load: Callable, device: torch.device):
     """(model, "") for a backend this device runs, or (None, "unsupported here: <reason>").
 
     `load(dtype, **from_pretrained_kwargs)` returns a fresh copy of the model on `device`.
+    The PyTorch-op backends run everywhere: PyTorch's packed kernels on CPUs, the readable
+    dequantize-then-matmul path elsewhere (`kernel_path` says which ran).
     """
     name = checks.choice("backend", name, BACKENDS)
     device = as_device(device)
@@ -281,6 +386,109 @@ def load_backend(name: str, load: Callable, device: torch.device):
     model = BACKENDS[name].apply(load).eval()
     release_freed_memory()  # the full-precision weights quantization replaced
     return model, ""
+
+
+def kernel_path(model: torch.nn.Module) -> str:
+    """How the course's quantized linears in `model` compute ('' when it has none)."""
+    paths = {m.path for m in model.modules() if hasattr(m, "path") and hasattr(m, "packed")}
+    return ", ".join(sorted(paths))
+
+
+def predicted_weight_bytes(shape: Shape, backend: str) -> dict[str, float]:
+    """Bytes each part of the model should take in `backend`, from the shape's parameter counts
+    and `shapes.WEIGHT_BYTES`: the attention and MLP linears in the backend's format, the
+    embeddings and norms as loaded (16-bit for the quantized backends, fp32 for torch.ao's), and
+    an output layer quantized on its own as a separate copy. Scales per row (int8) are left out
+    (~0.2 % for SmolLM2); int4's are in WEIGHT_BYTES."""
+    b = BACKENDS[checks.choice("backend", backend, BACKENDS)]
+    parts = shape.components()
+    head_params = shape.vocab * shape.hidden
+    predicted = {
+        f"attention + MLP linears ({b.linears})": (parts["attention"] + parts["mlp"])
+        * WEIGHT_BYTES[b.linears],
+        f"embeddings + norms ({b.rest})": (parts["embeddings"] + parts["norms"])
+        * WEIGHT_BYTES[b.rest],
+    }
+    if not shape.tied_embeddings:
+        head = b.head or b.rest
+        predicted[f"lm_head ({head})"] = head_params * WEIGHT_BYTES[head]
+    elif b.head:
+        predicted[f"lm_head, an untied copy of the embeddings ({b.head})"] = (
+            head_params * WEIGHT_BYTES[b.head]
+        )
+    return predicted
+
+
+# --- Measuring every backend, one model in memory at a time ----------------------------------
+
+
+def decode_timing(model, prompt: torch.Tensor, new_tokens: int = 8, runs: int = 2) -> Timing:
+    """Time per output token: one warm-up run, then the decode steps of `runs` runs, pooled
+    (median and quartiles over every step). Out of memory: a Timing with no samples (NaN) and
+    meta['status'] saying so."""
+    name = f"batch {prompt.shape[0]}"
+    try:
+        decode.greedy_decode(model, prompt, 2, all_logits=False)  # warm-up
+        steps = []
+        for _ in range(runs):
+            steps += decode.greedy_decode(model, prompt, new_tokens, all_logits=False).step_s
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        release_freed_memory()
+        return Timing(name, [], {"status": f"out of memory ({type(err).__name__})"})
+    return Timing(name, steps, {"status": "ok"})
+
+
+def measure_backends(
+    load: Callable,
+    device,
+    eval_ids: torch.Tensor,
+    prompt: torch.Tensor,
+    batches: Sequence[int],
+    names: Sequence[str] | None = None,
+    compare_positions: int = 128,
+) -> pd.DataFrame:
+    """One row per backend: status, kernel path, weight bytes (measured and predicted), size on
+    disk, perplexity on `eval_ids`, top-1 agreement and KL against the first backend that runs
+    (fp32) on the first `compare_positions` tokens, and decode time per output token for each
+    batch in `batches` (`ms_b{b}`, with quartiles `q1_b{b}`, `q3_b{b}`).
+
+    One model lives at a time: each is freed before the next loads, so the peak is the largest
+    single backend's, not their sum. `prompt` is (max(batches), length) token ids.
+    """
+    device = as_device(device)
+    if prompt.shape[0] < max(batches):
+        raise ValueError(f"prompt has {prompt.shape[0]} rows; batches need {max(batches)}")
+    shape, reference, rows = None, None, []
+    for name in names or list(BACKENDS):
+        release_freed_memory()  # the previous backend, before measuring this one
+        before = rss_bytes()
+        with PeakMemory(device) as peak:
+            model, note = load_backend(name, load, device)
+        row = {"backend": name, "stored as": BACKENDS[name].weights, "status": note or "ok"}
+        if model is not None:
+            shape = shape or Shape.of(model.config)
+            row["kernel"] = kernel_path(model)
+            row["weight_bytes"] = weight_bytes(model, include_buffers=True)
+            row["predicted_bytes"] = sum(predicted_weight_bytes(shape, name).values())
+            row["serialized_bytes"] = serialized_bytes(model)
+            row["load_peak_increase"] = peak.peak_bytes - (before if device.type == "cpu" else 0)
+            row["perplexity"] = perplexity(model, eval_ids.to(device))
+            with torch.inference_mode():
+                ids = eval_ids[:compare_positions].unsqueeze(0).to(device)
+                logits = model(input_ids=ids).logits[0].float().cpu()
+            reference = logits if reference is None else reference
+            row["top1_agreement"], row["kl_vs_fp32"] = agreement_and_kl(reference, logits)
+            del logits
+            for b in batches:
+                t = decode_timing(model, prompt[:b])
+                row |= {f"ms_b{b}": t.median * 1e3, f"q1_b{b}": t.q1 * 1e3,
+                        f"q3_b{b}": t.q3 * 1e3}  # fmt: skip
+                if t.meta["status"] != "ok":
+                    row["status"] = f"batch {b}: {t.meta['status']}"
+            del model
+        rows.append(row)
+    release_freed_memory()
+    return pd.DataFrame(rows).set_index("backend")
 
 
 # --- Size -----------------------------------------------------------------------------------
