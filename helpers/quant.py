@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from helpers import checks, decode
-from helpers.bench import Timing
 from helpers.device import as_device, check_finite, cpu_has_int8_dot_product
 from helpers.memory import PeakMemory, release_freed_memory, rss_bytes, weight_bytes
 from helpers.shapes import WEIGHT_BYTES, Shape
@@ -422,42 +421,27 @@ def predicted_weight_bytes(shape: Shape, backend: str) -> dict[str, float]:
 # --- Measuring every backend, one model in memory at a time ----------------------------------
 
 
-def decode_timing(model, prompt: torch.Tensor, new_tokens: int = 8, runs: int = 2) -> Timing:
-    """Time per output token: one warm-up run, then the decode steps of `runs` runs, pooled
-    (median and quartiles over every step). Out of memory: a Timing with no samples (NaN) and
-    meta['status'] saying so."""
-    name = f"batch {prompt.shape[0]}"
-    try:
-        decode.greedy_decode(model, prompt, 2, all_logits=False)  # warm-up
-        steps = []
-        for _ in range(runs):
-            steps += decode.greedy_decode(model, prompt, new_tokens, all_logits=False).step_s
-    except (torch.OutOfMemoryError, MemoryError) as err:
-        release_freed_memory()
-        return Timing(name, [], {"status": f"out of memory ({type(err).__name__})"})
-    return Timing(name, steps, {"status": "ok"})
-
-
 def measure_backends(
     load: Callable,
     device,
     eval_ids: torch.Tensor,
-    prompt: torch.Tensor,
     batches: Sequence[int],
     names: Sequence[str] | None = None,
+    *,
+    prompt_tokens: int = 8,
+    new_tokens: int = 15,
     compare_positions: int = 128,
 ) -> pd.DataFrame:
     """One row per backend: status, kernel path, weight bytes (measured and predicted), size on
     disk, perplexity on `eval_ids`, top-1 agreement and KL against the first backend that runs
-    (fp32) on the first `compare_positions` tokens, and decode time per output token for each
-    batch in `batches` (`ms_b{b}`, with quartiles `q1_b{b}`, `q3_b{b}`).
+    (fp32) on the first `compare_positions` tokens, and time per output token for each batch
+    (`ms_b{b}`, quartiles `q1_b{b}`, `q3_b{b}`) from `decode.sweep`: a warm-up, then the
+    `new_tokens` − 1 decode steps after a `prompt_tokens`-token prompt; out of memory → NaN.
 
     One model lives at a time: each is freed before the next loads, so the peak is the largest
-    single backend's, not their sum. `prompt` is (max(batches), length) token ids.
+    single backend's, not their sum.
     """
     device = as_device(device)
-    if prompt.shape[0] < max(batches):
-        raise ValueError(f"prompt has {prompt.shape[0]} rows; batches need {max(batches)}")
     shape, reference, rows = None, None, []
     for name in names or list(BACKENDS):
         release_freed_memory()  # the previous backend, before measuring this one
@@ -479,12 +463,13 @@ def measure_backends(
             reference = logits if reference is None else reference
             row["top1_agreement"], row["kl_vs_fp32"] = agreement_and_kl(reference, logits)
             del logits
+            speed = decode.sweep(model, [prompt_tokens], batches, new_tokens).set_index("batch")
+            columns = {"ms": "tpot_s", "q1": "tpot_q1_s", "q3": "tpot_q3_s"}
             for b in batches:
-                t = decode_timing(model, prompt[:b])
-                row |= {f"ms_b{b}": t.median * 1e3, f"q1_b{b}": t.q1 * 1e3,
-                        f"q3_b{b}": t.q3 * 1e3}  # fmt: skip
-                if t.meta["status"] != "ok":
-                    row["status"] = f"batch {b}: {t.meta['status']}"
+                oom = bool(speed.oom[b])
+                row |= {f"{k}_b{b}": math.nan if oom else speed.loc[b, c] * 1e3
+                        for k, c in columns.items()}  # fmt: skip
+            row["out of memory at batch"] = ", ".join(str(b) for b in batches if speed.oom[b])
             del model
         rows.append(row)
     release_freed_memory()
