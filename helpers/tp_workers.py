@@ -1,28 +1,32 @@
-"""Functions that run on every rank under `helpers.tp.launch` (importable, hence here).
+"""What runs on every rank under `helpers.tp.launch`, and the launches that gather it into tables.
 
-Each takes (rank, world_size, ...) and returns what rank 0 (or every rank) should report.
+The rank functions take (rank, world_size, ...) and return what rank 0 (or every rank) reports;
+they live in a module so that the ranks can import them by name. `llama_tp_check` and
+`mlp_sweep` launch them and return one DataFrame each (the plumbing behind notebook 03).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import shutil
+import tempfile
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from helpers.tp import column_shard, row_shard
+from helpers import bench, checks, memory
+from helpers.tp import column_shard, launch, row_shard
+
+# the layers a Megatron split shards: column-parallel, then row-parallel
+COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+           "mlp.up_proj")  # fmt: skip
+ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")  # fmt: skip
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def megatron_mlp(rank: int, world: int, gate, up, down, x) -> torch.Tensor:
@@ -40,18 +44,32 @@ def megatron_mlp(rank: int, world: int, gate, up, down, x) -> torch.Tensor:
     return partial.cpu()
 
 
-def _llama_plan(num_layers: int) -> dict:
+# --- A whole Llama, sharded two ways ----------------------------------------------------------
+
+
+def llama_plan(num_layers: int) -> dict:
+    """DTensor's plan for a Llama: q/k/v/gate/up colwise, o/down rowwise, in every layer."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     plan = {}
     for i in range(num_layers):
-        prefix = f"model.layers.{i}"
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
-            plan[f"{prefix}.{name}"] = ColwiseParallel()
-        plan[f"{prefix}.self_attn.o_proj"] = RowwiseParallel()
-        plan[f"{prefix}.mlp.down_proj"] = RowwiseParallel()
+        plan |= {f"model.layers.{i}.{name}": ColwiseParallel() for name in COLWISE}
+        plan |= {f"model.layers.{i}.{name}": RowwiseParallel() for name in ROWWISE}
     return plan
+
+
+def held_bytes(model) -> dict[str, int]:
+    """Weight bytes this process holds: of the linears TP splits, and of the whole model.
+    A DTensor parameter counts its local shard (what this rank really stores); tied weights once."""
+    split = tuple(f".{name}" for name in COLWISE + ROWWISE)
+    local = {id(p): p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()}
+    in_split = {
+        id(p) for n, m in model.named_modules() if n.endswith(split) for p in m.parameters()
+    }
+    return {
+        "linears": sum(memory.tensor_bytes(t) for i, t in local.items() if i in in_split),
+        "all": sum(memory.tensor_bytes(t) for t in local.values()),
+    }
 
 
 def _local_rows(model) -> tuple[int, int]:
@@ -61,11 +79,17 @@ def _local_rows(model) -> tuple[int, int]:
     return local.shape[0], model.config.intermediate_size
 
 
-def _greedy(model, ids, new_tokens):
+def greedy_tokens(model, ids, new_tokens: int) -> torch.Tensor:
+    """`new_tokens` greedy tokens after `ids` (transformers' generate), on the CPU."""
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, attention_mask=torch.ones_like(ids),
                          pad_token_id=0)  # fmt: skip
     return out[:, ids.shape[1] :].cpu()
+
+
+def _report(model, ids, new_tokens):
+    return model(ids).logits.cpu(), greedy_tokens(model, ids, new_tokens), _local_rows(model), \
+        held_bytes(model)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -78,9 +102,8 @@ def dtensor_llama(rank: int, world: int, model_dir: str, ids, new_tokens: int):
     dev = _device()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
     mesh = init_device_mesh(dev.type, (world,))
-    parallelize_module(model, mesh, _llama_plan(model.config.num_hidden_layers))
-    ids = ids.to(dev)
-    return model(ids).logits.cpu(), _greedy(model, ids, new_tokens), _local_rows(model)
+    parallelize_module(model, mesh, llama_plan(model.config.num_hidden_layers))
+    return _report(model, ids.to(dev), new_tokens)
 
 
 @torch.inference_mode()
@@ -96,56 +119,118 @@ def transformers_tp_llama(rank: int, world: int, model_dir: str, ids, new_tokens
         tp_args = {"tp_plan": "auto"}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **tp_args)
     dev = next(model.parameters()).device
-    ids = ids.to(dev)
-    return model(ids).logits.cpu(), _greedy(model.eval(), ids, new_tokens), _local_rows(model)
+    return _report(model.eval(), ids.to(dev), new_tokens)
 
 
-def _median_time(fn, device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    # every rank waits for the slowest, so report the slowest rank's median
-    t = torch.tensor([statistics.median(times)], device=device)
+@torch.inference_mode()
+def llama_tp_check(model, ids, new_tokens: int, world: int, backend: str) -> pd.DataFrame:
+    """Shard `model` over `world` ranks with DTensor and with transformers' tp_plan, and compare
+    each rank's logits and greedy tokens with the unsharded model's: one row per method × rank,
+    with the weight bytes each rank holds next to the unsharded model's ÷ world."""
+    new_tokens = checks.whole("new_tokens", new_tokens)
+    ref_logits, ref_tokens = model(ids).logits, greedy_tokens(model, ids, new_tokens)
+    full = held_bytes(model)
+    checkpoint = tempfile.mkdtemp(prefix="tp_llama_")
+    rows = []
+    try:
+        model.save_pretrained(checkpoint)
+        methods = {"DTensor parallelize_module": dtensor_llama,
+                   "transformers tp_plan='auto'": transformers_tp_llama}  # fmt: skip
+        for method, worker in methods.items():
+            results = launch(worker, world, checkpoint, ids, new_tokens, backend=backend)
+            for rank, (logits, tokens, (rows_held, rows_total), held) in enumerate(results):
+                rows.append({
+                    "method": method, "rank": rank,
+                    "max |logit difference|": float((logits - ref_logits).abs().max()),
+                    "greedy tokens identical": torch.equal(tokens, ref_tokens),
+                    "gate rows held": f"{rows_held} of {rows_total}",
+                    "split linears held (bytes)": held["linears"],
+                    "split linears unsharded ÷ tp (bytes)": full["linears"] / world,
+                    "all weights held (bytes)": held["all"],
+                    "all weights unsharded ÷ tp (bytes)": full["all"] / world,
+                    "peak RSS of the rank (bytes)": results.peak_rss_bytes[rank],
+                })  # fmt: skip
+    finally:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return pd.DataFrame(rows)
+
+
+# --- Timing collectives --------------------------------------------------------------------
+
+
+def slowest(samples: list[float], device) -> list[float]:
+    """Each timed run's slowest rank (a MAX all-reduce over the ranks, run by run): a collective
+    ends for everyone only when the last rank arrives, so every rank waits for the slowest."""
+    t = torch.tensor(samples, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return t.tolist()
 
 
-def allreduce_times(rank: int, world: int, sizes_bytes, repeats: int = 20) -> list[dict]:
-    """Median time of an all-reduce (sum, fp32) for each message size."""
+def _spread(name: str, samples: list[float]) -> dict[str, float]:
+    q1, median, q3 = bench.quartiles(samples)
+    return {f"{name}_s": median, f"{name}_q1_s": q1, f"{name}_q3_s": q3}
+
+
+def allreduce_times(rank: int, world: int, sizes_bytes, repeats: int = 20, warmup: int = 3):
+    """An all-reduce (sum, fp32) of each message size: median and quartiles of the slowest rank."""
     dev = _device()
     rows = []
     for nbytes in sizes_bytes:
-        buf = torch.ones(max(1, nbytes // 4), device=dev)
-        t = _median_time(lambda b=buf: dist.all_reduce(b), dev, repeats)
-        rows.append({"world": world, "bytes": buf.numel() * 4, "seconds": t})
+        buf = torch.zeros(max(1, int(nbytes) // 4), device=dev)
+        t = bench.measure(lambda b=buf: dist.all_reduce(b), warmup=warmup, repeats=repeats,
+                          device=dev, before_each=dist.barrier)  # fmt: skip
+        q1, median, q3 = bench.quartiles(slowest(t.samples, dev))
+        rows.append({"world": world, "bytes": buf.numel() * 4, "seconds": median,
+                     "q1_s": q1, "q3_s": q3})  # fmt: skip
     return rows
 
 
-def mlp_times(rank: int, world: int, hidden: int, intermediate: int, batches, repeats: int = 10):
-    """Time of one Megatron MLP forward at each batch, and of its all-reduce alone."""
+def mlp_times(rank: int, world: int, hidden: int, intermediate: int, batches, repeats: int = 10,
+              warmup: int = 3, threads: int | None = None) -> list[dict]:  # fmt: skip
+    """One Megatron MLP forward per batch size, timed whole and in its two parts in the same runs:
+    this rank's matmuls (compute), then the all-reduce (comm = total − compute, which includes
+    waiting for the slower rank). Run by run, the slowest rank's total and compute count.
+    `threads`: CPU threads for this rank (default: the launcher's share of the cores)."""
+    if threads is not None:
+        torch.set_num_threads(checks.whole("threads", threads))
     dev = _device()
     torch.manual_seed(rank)  # timing only: each rank makes just its own shard, at its shape
     shard = intermediate // world
-    g = torch.randn(shard, hidden, device=dev) / hidden**0.5
-    u = torch.randn(shard, hidden, device=dev) / hidden**0.5
-    d = torch.randn(hidden, shard, device=dev) / intermediate**0.5
+    g = torch.randn(shard, hidden, device=dev).div_(hidden**0.5)  # in place: no second copy
+    u = torch.randn(shard, hidden, device=dev).div_(hidden**0.5)
+    d = torch.randn(hidden, shard, device=dev).div_(intermediate**0.5)
     rows = []
     for batch in batches:
         x = torch.randn(batch, hidden, device=dev)
+        compute_s = []
 
-        def compute(x=x):
-            return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        def layer(x=x, compute_s=compute_s):
+            out, seconds = bench.timed(lambda: F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d),
+                                       dev)  # fmt: skip
+            compute_s.append(seconds)
+            dist.all_reduce(out)  # the layer's only communication
 
-        out = compute()
-        total = _median_time(lambda: dist.all_reduce(compute()), dev, repeats)
-        comm = _median_time(lambda o=out: dist.all_reduce(o), dev, repeats) if world > 1 else 0.0
-        rows.append({"tp": world, "hidden": hidden, "intermediate": intermediate,
-                     "batch": batch, "total_s": total, "comm_s": comm})  # fmt: skip
+        total = bench.measure(layer, warmup=warmup, repeats=repeats, device=dev,
+                              before_each=dist.barrier)  # fmt: skip
+        total_s = slowest(total.samples, dev)
+        compute = slowest(compute_s[warmup:], dev)  # the runs bench.measure timed
+        comm = [t - c for t, c in zip(total_s, compute, strict=True)]
+        rows.append({"tp": world, "hidden": hidden, "intermediate": intermediate, "batch": batch,
+                     **_spread("total", total_s), **_spread("compute", compute),
+                     **_spread("comm", comm)})  # fmt: skip
     return rows
+
+
+def mlp_sweep(layer_sizes, batches, worlds, backend: str, repeats: int = 10,
+              threads_per_rank: int | None = None) -> pd.DataFrame:  # fmt: skip
+    """`mlp_times` for every (hidden, intermediate) in `layer_sizes` and TP degree in `worlds`
+    (a one-rank launch is the TP 1 baseline: the same code path): one row per point, times in
+    seconds (median, q1, q3) of the total and of its compute and all-reduce parts.
+    `threads_per_rank=1` makes each CPU rank one core, as each GPU rank is one GPU: TP 1 then
+    does not run threads that, on a busy machine, wait for each other at every matmul."""
+    rows = []
+    for hidden, intermediate in layer_sizes:
+        for world in worlds:
+            rows += launch(mlp_times, world, hidden, intermediate, list(batches), repeats, 3,
+                           threads_per_rank, backend=backend)[0]  # fmt: skip
+    return pd.DataFrame(rows)

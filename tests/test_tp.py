@@ -77,6 +77,56 @@ def test_two_gloo_processes_equal_one():
         torch.testing.assert_close(out, mlp(x, gate, up, down))
 
 
+def rank_samples(rank, world):
+    samples = [[1.0, 5.0, 2.0], [3.0, 2.0, 2.0]][rank]
+    return tp_workers.slowest(samples, torch.device("cpu"))
+
+
+def test_slowest_keeps_each_runs_slowest_rank():
+    assert tp.launch(rank_samples, 2, backend="gloo") == [[3.0, 5.0, 2.0]] * 2
+
+
+def test_allreduce_times_report_median_and_quartiles():
+    (rows, _) = tp.launch(tp_workers.allreduce_times, 2, [64, 4096], 3, 1, backend="gloo")
+    assert [r["bytes"] for r in rows] == [64, 4096]
+    for r in rows:
+        assert 0 < r["q1_s"] <= r["seconds"] <= r["q3_s"] and r["world"] == 2
+
+
+def test_the_all_reduce_is_a_part_of_the_total_measured_in_the_same_runs():
+    rows = tp.launch(tp_workers.mlp_times, 2, 32, 64, [1, 4], 5, 1, backend="gloo")[0]
+    assert [(r["tp"], r["batch"]) for r in rows] == [(2, 1), (2, 4)]
+    for r in rows:
+        for part in ("total", "compute", "comm"):
+            assert 0 <= r[f"{part}_q1_s"] <= r[f"{part}_s"] <= r[f"{part}_q3_s"], part
+        assert r["comm_s"] <= r["total_s"] and r["compute_s"] <= r["total_s"]
+
+
+def test_mlp_sweep_has_a_row_per_point():
+    frame = tp_workers.mlp_sweep([(16, 32)], [1, 2], worlds=(1, 2), backend="gloo", repeats=2)
+    assert list(zip(frame.tp, frame.batch, strict=True)) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def test_held_bytes_counts_the_linears_tp_splits(tiny_llama):
+    layer = tiny_llama.model.layers[0]
+    linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+               layer.mlp.down_proj]  # fmt: skip
+    per_layer = sum(m.weight.numel() for m in linears) * 4  # fp32
+    held = tp_workers.held_bytes(tiny_llama)
+    assert held["linears"] == per_layer * len(tiny_llama.model.layers)
+    assert held["all"] == sum(p.numel() for p in tiny_llama.parameters()) * 4
+
+
+def test_a_sharded_llama_matches_and_holds_half_the_split_weights(tiny_llama):
+    ids = torch.randint(0, 97, (1, 5))
+    frame = tp_workers.llama_tp_check(tiny_llama, ids, new_tokens=3, world=2, backend="gloo")
+    assert len(frame) == 4 and frame["greedy tokens identical"].all()
+    assert frame["max |logit difference|"].max() < 1e-4
+    held, half = frame["split linears held (bytes)"], frame["split linears unsharded ÷ tp (bytes)"]
+    assert (held == half).all()
+
+
 def fails_on_rank_1(rank, world):
     if rank == 1:
         raise ValueError("planted failure")
