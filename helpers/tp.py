@@ -379,12 +379,14 @@ def _how_it_ended(proc) -> str:
 
 
 def column_shard(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Rows of a Linear weight (its output features) for this rank: y_local = x @ W_localᵀ."""
+    """Rows of a Linear weight (its output features) for this rank: y_local = x @ W_localᵀ.
+    (Notebook 03 writes the same in an idea cell; tests/test_notebook_03.py checks they agree.)"""
     return weight.chunk(world, dim=0)[rank]
 
 
 def row_shard(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Columns of a Linear weight (its input features) for this rank: partial sums to add up."""
+    """Columns of a Linear weight (its input features) for this rank: partial sums to add up.
+    (Notebook 03 writes the same in an idea cell; tests/test_notebook_03.py checks they agree.)"""
     return weight.chunk(world, dim=1)[rank]
 
 
