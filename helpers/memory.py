@@ -1,6 +1,10 @@
 """Memory readings: peak process memory (CPU), allocator and device-wide views (GPU), bytes a
 model holds, and an out-of-memory-safe search. The formulas of what serving needs are in
-`helpers.shapes`."""
+`helpers.shapes` (and written out in notebook 02).
+
+Each reading a notebook needs is one call that works on a CPU and a GPU alike (`in_use_bytes`,
+`runtime_bytes`, `peak_added_bytes`, `peak_and_time`, `search_frontier`, `allocator_view`,
+`allocator_timeline`), so the notebook's cells hold the idea and not the device plumbing."""
 
 from __future__ import annotations
 
@@ -9,14 +13,22 @@ import ctypes
 import gc
 import resource
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import psutil
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from helpers import checks
+from helpers.bench import measure
 from helpers.device import as_device
+from helpers.shapes import format_bytes
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
@@ -85,11 +97,45 @@ def device_memory(index: int = 0) -> dict[str, int] | None:
         return None
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Context manager: live bytes of the tensor storages created inside it, op by op, and their
+    peak: on a CPU what a GPU's caching allocator counts (`max_memory_allocated`), free of the C
+    allocator's reuse of freed blocks. A storage counts from the op that creates it (one whose
+    result aliases no input: not a view, not in place) until it is freed (PyTorch keeps a
+    storage's Python object as long as the storage lives). Buffers a
+    kernel uses internally are not seen; each op costs a little Python time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = self.peak_bytes = 0
+        self._alive: set[int] = set()
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._alive.discard(key)
+        self.live_bytes -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view or an in-place op: it returns storage that exists already
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._alive:
+                    self._alive.add(key)
+                    self.live_bytes += storage.nbytes()
+                    self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+
 @dataclass
 class PeakMemory:
     """Context manager: the peak memory of the code inside it.
 
-    CPU: peak RSS of the whole process (needs a resettable kernel mark, else lifetime peak).
+    CPU: peak RSS of the whole process (needs a resettable kernel mark, else lifetime peak);
+    with `tensors=True`, the peak of live tensor bytes created inside (`LiveTensorBytes`).
     CUDA: peak bytes allocated by PyTorch tensors on the device.
     """
 
@@ -97,6 +143,7 @@ class PeakMemory:
     start_bytes: int = 0
     peak_bytes: int = 0
     resettable: bool = True
+    tensors: bool = False
 
     def __enter__(self) -> PeakMemory:
         self.device = dev = as_device(self.device)
@@ -104,6 +151,8 @@ class PeakMemory:
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             self.start_bytes = torch.cuda.memory_allocated(dev)
+        elif self.tensors:
+            self._tracker = LiveTensorBytes().__enter__()
         else:
             self.resettable = reset_peak_rss()
             self.start_bytes = rss_bytes()
@@ -114,6 +163,9 @@ class PeakMemory:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             self.peak_bytes = torch.cuda.max_memory_allocated(dev)
+        elif self.tensors:
+            self._tracker.__exit__(*exc)
+            self.peak_bytes = self._tracker.peak_bytes
         else:
             self.peak_bytes = peak_rss_bytes()
 
@@ -213,3 +265,254 @@ def largest_fitting(trial: Callable[[int], object], start: int = 1, limit: int =
         else:
             bad = mid
     return SearchResult(good, tried)
+
+
+# --- One call per reading, the same on a CPU and a GPU --------------------------------------
+
+
+def in_use_bytes(device: torch.device | str = "cpu") -> int:
+    """What the process holds now: resident memory on a CPU, live tensor bytes on a GPU."""
+    device = as_device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return rss_bytes()
+
+
+def runtime_bytes(device: torch.device | str = "cpu") -> float:
+    """The runtime's own memory before any model: on a CPU the resident interpreter and
+    libraries; on a GPU the CUDA context (what the driver holds beyond PyTorch's allocator,
+    through NVML; NaN without it)."""
+    device = as_device(device)
+    if device.type != "cuda":
+        return float(rss_bytes())
+    torch.cuda.synchronize(device)  # creates the context if nothing has yet
+    smi = device_memory(device.index or 0)
+    return float("nan") if smi is None else smi["used"] - torch.cuda.memory_reserved(device)
+
+
+def reconcile(rows: dict[str, tuple[float | None, float]]) -> pd.DataFrame:
+    """component → (predicted bytes or None, measured bytes), as a table with the relative error
+    (bytes as numbers: format them with `shapes.format_bytes` for display)."""
+    frame = pd.DataFrame(
+        [(k, np.nan if p is None else p, m) for k, (p, m) in rows.items()],
+        columns=["component", "predicted", "measured"],
+    ).set_index("component")
+    frame["error"] = frame.measured / frame.predicted - 1
+    return frame
+
+
+def readable(frame: pd.DataFrame, byte_columns=("predicted", "measured")) -> pd.DataFrame:
+    """`frame` with its byte columns formatted ('1.5 MiB'; missing values as '—')."""
+    formatted = {
+        c: frame[c].map(lambda v: "—" if pd.isna(v) else format_bytes(v))
+        for c in byte_columns
+        if c in frame
+    }
+    return frame.assign(**formatted).round(3)
+
+
+def allocator_view(device: torch.device | str, recorded_csv: Path) -> pd.DataFrame:
+    """Live tensors, the caching allocator's reserve, its peak and the driver's device-wide
+    count (nvidia-smi). On a GPU from this run; elsewhere the course's recorded run."""
+    device = as_device(device)
+    names = {
+        "allocated": "allocated (live tensors)",
+        "reserved": "reserved (allocator's cache)",
+        "peak_allocated": "peak allocated",
+        "used": "nvidia-smi used (whole device)",
+    }
+    if device.type == "cuda":
+        smi = device_memory(device.index or 0) or {"used": float("nan")}
+        values = {**gpu_memory(device), "used": smi["used"]}
+        source = f"this run: {torch.cuda.get_device_name(device)}"
+    else:
+        recorded = pd.read_csv(recorded_csv).iloc[0]
+        values = recorded[list(names)].to_dict()
+        source = f"recorded: {recorded.device}, {recorded.model} ({Path(recorded_csv).name})"
+    return pd.DataFrame({"bytes": [values[k] for k in names]}, index=list(names.values())).assign(
+        readable=lambda d: d.bytes.map(format_bytes), source=source
+    )
+
+
+# --- Peak and time of a piece of code -------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@contextlib.contextmanager
+def freed_blocks_returned(threshold: int = 64 * 2**10):
+    """CPU (glibc): inside, every block of ≥ `threshold` bytes is its own mapping, handed back to
+    the OS when freed, so resident memory follows the live tensors instead of the C allocator's
+    reuse of freed blocks. Afterwards the thresholds glibc's own adaptation settles at (32 MiB
+    mapping, 64 MiB trim) are set again. Elsewhere, nothing changes."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        changed = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc: there is no such knob
+        libc, changed = None, False
+    try:
+        yield changed
+    finally:
+        if changed:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+            libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+
+
+def peak_added_bytes(
+    fn: Callable[[], object], device: torch.device | str = "cpu", tensors: bool = False
+) -> int:
+    """Peak bytes `fn()` adds above what is in use when it starts (`PeakMemory`): live tensor
+    bytes on a GPU; on a CPU resident memory, with freed blocks handed back at once, or with
+    `tensors=True` live tensor bytes as on a GPU (exact, slower: `LiveTensorBytes`)."""
+    device = as_device(device)
+    release_freed_memory()
+    with freed_blocks_returned(), PeakMemory(device, tensors=tensors) as peak:
+        fn()
+    release_freed_memory()
+    return peak.increase_bytes
+
+
+def peak_and_time(
+    runs: dict[str, Callable[[], object]], device: torch.device | str = "cpu", repeats: int = 3
+) -> pd.DataFrame:
+    """For each named function: its time (median and quartiles of `repeats` after a warm-up,
+    `bench.measure`; the `Timing` itself in column `timing`) and the peak of live tensor bytes
+    one run adds (`peak_added_bytes(..., tensors=True)`: exact on a CPU too)."""
+    device = as_device(device)
+    rows = []
+    for name, fn in runs.items():
+        peak = peak_added_bytes(fn, device, tensors=True)
+        timing = measure(fn, name=name, warmup=1, repeats=repeats, device=device)
+        rows.append({**timing.row(), "timing": timing, "peak_bytes": peak})
+    return pd.DataFrame(rows).set_index("name")
+
+
+# --- What fits, predicted and searched ------------------------------------------------------
+
+
+def search_frontier(
+    request: Callable[[int, int], object],
+    need: Callable[[int, int], float],
+    contexts: list[int],
+    budget: int,
+    device: torch.device | str = "cpu",
+    limit: int = 4096,
+) -> pd.DataFrame:
+    """For each context: the largest batch the formula `need(batch, context)` (bytes beyond the
+    loaded model) fits in `budget`, and the largest `request(batch, context)` really runs in it.
+
+    A GPU trial runs with this process capped at what it holds + `budget`, so it meets a real
+    `torch.OutOfMemoryError`; a CPU trial fails when its measured peak exceeds the budget
+    (`BudgetExceeded`). A trial predicted to need over 1.5 × the budget is not run at all.
+    Columns: context, predicted and found batch, tries, and for the found batch the predicted
+    and measured bytes."""
+    device = as_device(device)
+    budget = checks.whole("budget", budget)
+    measured: dict[tuple[int, int], int] = {}
+
+    def trial(batch: int, context: int) -> None:
+        if need(batch, context) > 1.5 * budget:
+            raise BudgetExceeded("predicted to overshoot by far: not run")
+        # on a GPU, raises torch.OutOfMemoryError past the cap
+        measured[batch, context] = used = peak_added_bytes(lambda: request(batch, context), device)
+        if device.type != "cuda" and used > budget:
+            raise BudgetExceeded(f"{format_bytes(used)} > budget")
+
+    rows = []
+    if device.type == "cuda":  # cap this process so the search meets real out-of-memory errors
+        release_freed_memory()
+        total = torch.cuda.get_device_properties(device).total_memory
+        held = torch.cuda.memory_reserved(device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (held + budget) / total), device)
+    try:
+        for ctx in contexts:
+            predicted = max((b for b in range(1, limit + 1) if need(b, ctx) <= budget), default=0)
+            found = largest_fitting(lambda b, c=ctx: trial(b, c), limit=limit)
+            best = (found.largest, ctx)
+            rows.append({
+                "context": ctx, "predicted": predicted, "found": found.largest,
+                "tries": len(found.tried),
+                "need_predicted": need(*best) if found.largest else float("nan"),
+                "need_measured": measured.get(best, float("nan")),
+            })  # fmt: skip
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return pd.DataFrame(rows)
+
+
+# --- The allocator's timeline and copies beside compute (GPU) -------------------------------
+
+
+def allocator_timeline(
+    run: Callable[[], object],
+    device: torch.device | str,
+    recorded_csv: Path,
+    save_to: Path | None = None,
+    points: int = 4000,
+) -> pd.DataFrame:
+    """Live tensor bytes after every allocation and free while `run()` runs, from PyTorch's
+    allocator history (GPU; the snapshot is saved to `save_to`, which opens in
+    https://pytorch.org/memory_viz). Elsewhere `run` is not called: the course's recorded run.
+    Columns: event, live_bytes, source."""
+    device = as_device(device)
+    if device.type != "cuda":
+        recorded = pd.read_csv(recorded_csv)
+        source = f"recorded: {recorded.device.iloc[0]} ({Path(recorded_csv).name})"
+        return recorded[["event", "live_bytes"]].assign(source=source)
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        run()
+        snapshot = torch.cuda.memory._snapshot()
+        if save_to is not None:
+            torch.cuda.memory._dump_snapshot(str(save_to))
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live, trace = 0, []
+    for event in snapshot["device_traces"][device.index or 0]:
+        sign = {"alloc": 1, "free_completed": -1}.get(event["action"], 0)
+        live += sign * event["size"]
+        if sign:
+            trace.append(live)
+    timeline = pd.DataFrame({"event": range(len(trace)), "live_bytes": trace})
+    step = max(1, len(timeline) // points)  # keep the peaks, drop the detail
+    timeline = timeline.groupby(timeline.event // step).max()
+    return timeline.assign(source=f"this run: {torch.cuda.get_device_name(device)}")
+
+
+def copy_beside_compute(device: torch.device | str, nbytes: int = 64 * 2**20, n: int = 4096):
+    """(serial, overlapped) Timings: a pinned host→device copy of `nbytes` then an n×n matmul,
+    vs the copy on a side stream while the matmul runs. None without a CUDA device."""
+    device = as_device(device)
+    if device.type != "cuda":
+        return None
+    host = torch.randn(nbytes // 4).pin_memory()
+    target = torch.empty_like(host, device=device)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    side = torch.cuda.Stream(device)
+
+    def serial():
+        target.copy_(host)
+        a @ a
+
+    def overlapped():
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            target.copy_(host, non_blocking=True)
+        a @ a
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    return (
+        measure(serial, name="copy, then matmul", device=device),
+        measure(overlapped, name="copy beside matmul", device=device),
+    )
+
+
+def bandwidth_at(transfers: pd.DataFrame, ceiling: str, size: int):
+    """(GB/s, (low, high) GB/s) of one measured ceiling at one buffer size, from rows of
+    `roofline.measure_host_device` / `measure_copy`; (NaN, None) where it was not measured."""
+    hit = transfers[(transfers["ceiling"] == ceiling) & (transfers["size"] == size)]
+    if hit.empty:
+        return float("nan"), None
+    best = hit.iloc[0]
+    return best["value"] / 1e9, (best["low"] / 1e9, best["high"] / 1e9)

@@ -15,6 +15,7 @@ from helpers.shapes import (
     Shape,
     serving_memory,
 )
+from helpers.shapes import precision as precision_name
 
 
 def device_capacities() -> dict[str, float]:
@@ -23,13 +24,19 @@ def device_capacities() -> dict[str, float]:
     return dict(zip(gpus.gpu, gpus.memory_gb, strict=True))
 
 
+def memory_parts(model: str, precision: str, batch: int, context: int, tp: int = 1) -> dict:
+    """What the calculator shows: bytes per device by component. int8/int4 are weight-only:
+    the weights take `WEIGHT_BYTES` (int4: half a byte plus a 16-bit scale and zero point per
+    group of 64, as the planner counts), the KV cache and activations stay 16-bit."""
+    precision = precision_name(precision)
+    weight, value = WEIGHT_BYTES[precision], VALUE_BYTES[precision]
+    return serving_memory(Shape.of(model), batch, context, weight, value, tp)
+
+
 def plot_memory_budget(model: str, precision: str, batch: int, context: int, tp: int) -> dict:
     """Stacked bar of what one device holds, against the capacity of common GPUs."""
-    shape = Shape.of(model)
-    try:  # int8/int4 are weight-only: the KV cache and activations stay 16-bit (VALUE_BYTES)
-        parts = serving_memory(
-            shape, batch, context, WEIGHT_BYTES[precision], VALUE_BYTES[precision], tp
-        )
+    try:
+        parts = memory_parts(model, precision, batch, context, tp)
     except ValueError as err:
         print(err)
         return {}

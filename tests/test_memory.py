@@ -122,3 +122,109 @@ def test_budget_exceeded_counts_as_out_of_memory():
             raise memory.BudgetExceeded("over budget")
 
     assert memory.largest_fitting(trial).largest == 5
+
+
+# --- The one-call readings notebook 02 uses (CPU here; the GPU branches run on a lent GPU) ----
+
+
+def test_in_use_and_runtime_bytes_on_cpu():
+    assert memory.in_use_bytes("cpu") > 0
+    assert memory.runtime_bytes("cpu") > 0
+
+
+def test_reconcile_computes_the_error_and_readable_formats_bytes():
+    table = memory.reconcile({"runtime": (None, 10 * 2**20), "weights": (100, 125)})
+    assert table.loc["weights", "error"] == pytest.approx(0.25)
+    assert table.loc["runtime", "error"] != table.loc["runtime", "error"]  # NaN: no prediction
+    shown = memory.readable(table)
+    assert shown.loc["runtime", "predicted"] == "—"
+    assert shown.loc["runtime", "measured"] == "10.0 MiB"
+
+
+def test_peak_added_bytes_sees_live_tensors_not_freed_ones():
+    size = 64 * 2**20
+
+    def one_block():
+        torch.ones(size // 4)  # touched, then freed at once
+
+    def two_blocks_alive():
+        a = torch.ones(size // 4)
+        b = torch.ones(size // 4)
+        del a, b
+
+    one = memory.peak_added_bytes(one_block)
+    two = memory.peak_added_bytes(two_blocks_alive)
+    assert 0.9 * size <= one <= 1.2 * size
+    assert 1.8 * size <= two <= 2.3 * size
+
+
+def test_peak_and_time_returns_both_per_run():
+    table = memory.peak_and_time({"alloc": lambda: torch.ones(2**22)}, repeats=2)
+    row = table.loc["alloc"]
+    assert row.q1_s <= row.median_s <= row.q3_s
+    assert row.timing.median == row.median_s
+    assert row.peak_bytes >= 0.9 * 2**24
+
+
+def test_search_frontier_finds_what_the_formula_predicts():
+    per_token = 2**14  # a request holds batch × context × 16 KiB while it runs
+
+    def request(batch, context):
+        torch.ones(batch * context * per_token // 4)
+
+    def need(batch, context):
+        return batch * context * per_token
+
+    frontier = memory.search_frontier(request, need, [64, 256], budget=48 * 2**20, limit=256)
+    assert list(frontier.predicted) == [48, 12]
+    assert (frontier.found - frontier.predicted).abs().max() <= 1  # the process' own noise
+    assert (frontier.need_measured / frontier.need_predicted - 1).abs().max() < 0.1
+
+
+def test_recorded_views_without_a_gpu():
+    from helpers import DATA_DIR
+
+    view = memory.allocator_view("cpu", DATA_DIR / "measured" / "h200_memory.csv")
+    assert len(view) == 4 and view.source.iloc[0].startswith("recorded: NVIDIA H200")
+    called = []
+    timeline = memory.allocator_timeline(
+        lambda: called.append(1), "cpu", DATA_DIR / "measured" / "h200_allocator_timeline.csv"
+    )
+    assert not called and timeline.live_bytes.max() > 0
+    assert memory.copy_beside_compute("cpu") is None
+
+
+def test_bandwidth_at_reads_one_ceiling_or_says_not_measured():
+    import pandas as pd
+
+    rows = pd.DataFrame([{"ceiling": "copy", "size": 1024, "value": 2e9, "low": 1e9, "high": 3e9}])
+    assert memory.bandwidth_at(rows, "copy", 1024) == (2.0, (1.0, 3.0))
+    value, spread = memory.bandwidth_at(rows, "host→device pinned", 1024)
+    assert value != value and spread is None
+
+
+def test_live_tensor_bytes_counts_what_lives_not_what_was_allocated():
+    layer = torch.ones(4, 3, 96, 64)  # made before: not counted
+    token = torch.ones(4, 3, 1, 64)
+    one_layer = layer.nbytes
+
+    def grow(rebuild):  # 10 layers grown by 2 tokens: dropping the old copy at once, or not
+        cache = [layer.clone() for _ in range(10)]
+        for _ in range(2):
+            if rebuild:
+                cache = [torch.cat([t, token], dim=2) for t in cache]
+            else:
+                for i in range(len(cache)):
+                    cache[i] = torch.cat([cache[i], token], dim=2)
+
+    final = 10 * (one_layer + 2 * token.nbytes)
+    with memory.PeakMemory("cpu", tensors=True) as dropped:
+        grow(rebuild=False)
+    with memory.PeakMemory("cpu", tensors=True) as kept:
+        grow(rebuild=True)
+    assert dropped.increase_bytes == final + one_layer + token.nbytes  # + the one old copy
+    assert kept.increase_bytes == final + 10 * (one_layer + token.nbytes)  # + every old copy
+    with memory.LiveTensorBytes() as live:
+        view = layer[:, :, :10]  # a view of a known storage adds nothing
+        view.add_(1)
+    assert live.peak_bytes == 0

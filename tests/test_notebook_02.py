@@ -1,0 +1,82 @@
+"""Notebook 02 writes the KV-cache formula and the serving-memory sum itself; they must give the
+known answers and agree with `helpers.shapes`, which the planner and the calculator use."""
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from helpers import shapes
+from tests.notebook_defs import definitions
+
+nb = definitions("02_memory_and_buffers")
+NOTEBOOK = next((Path(__file__).resolve().parent.parent / "notebooks").glob("02_*.ipynb"))
+
+
+def test_kv_cache_known_answers():
+    llama_2_7b = shapes.Shape.of("llama-2-7b")  # 32 layers, 32 KV heads of 128: MHA
+    assert nb.kv_cache_bytes(llama_2_7b, 1, 1, 2) == 2 * 32 * 4096 * 2 == 524_288  # per token
+    assert nb.kv_cache_bytes(llama_2_7b, 1, 4096, 2) == 2 * 2**30  # 2 GiB for 4096 tokens
+    llama_3_8b = shapes.Shape.of("llama-3-8b")  # 8 KV heads: a quarter of Llama-2-7B's
+    assert nb.kv_cache_bytes(llama_3_8b, 4, 8192, 2) == 2 * 32 * 4 * 8192 * 8 * 128 * 2
+    smollm2 = shapes.Shape.of("smollm2-135m")  # 30 layers, 3 KV heads of 64
+    assert nb.kv_cache_bytes(smollm2, 1, 1, 2) == 2 * 30 * 3 * 64 * 2 == 23_040
+
+
+@pytest.mark.parametrize("name", sorted(shapes.ARCHITECTURES))
+@pytest.mark.parametrize("batch, context, value_bytes", [(1, 1, 2), (8, 4096, 2), (3, 77, 4)])
+def test_kv_cache_equals_the_helper(name, batch, context, value_bytes):
+    shape = shapes.Shape.of(name)
+    assert nb.kv_cache_bytes(shape, batch, context, value_bytes) == shapes.kv_cache_bytes(
+        shape, batch, context, value_bytes
+    )
+
+
+@pytest.mark.parametrize("name", sorted(shapes.ARCHITECTURES))
+@pytest.mark.parametrize("precision", shapes.PRECISIONS)
+def test_serving_sum_equals_the_helper(name, precision):
+    shape = shapes.Shape.of(name)
+    weight, value = shapes.WEIGHT_BYTES[precision], shapes.VALUE_BYTES[precision]
+    last = nb.serving_bytes(shape, 8, 4096, weight, value)
+    assert last == shapes.serving_memory(shape, 8, 4096, weight, value)
+    every = nb.serving_bytes(shape, 2, 512, weight, value, logit_positions=512)
+    assert every == shapes.serving_memory(shape, 2, 512, weight, value, all_logits=True)
+
+
+def test_llama_2_7b_serving_sum_known_answer():
+    parts = nb.serving_bytes(shapes.Shape.of("llama-2-7b"), 1, 4096, 2, 2)
+    assert parts["weights"] == 6_738_415_616 * 2  # 13.48 GB in fp16
+    assert parts["activations"] == 4096 * (2 * 4096 + 3 * 11008) * 2
+    assert parts["logits"] == 32000 * 2  # the last position's scores only
+
+
+def test_generate_scores_only_the_last_prompt_position(tiny_llama):
+    """The notebook says transformers' `generate` keeps the last position's logits at prefill
+    (transformers 5); a plain forward pass scores every position."""
+    rows = []
+    hook = tiny_llama.lm_head.register_forward_hook(lambda m, i, out: rows.append(out.shape[1]))
+    try:
+        ids = torch.randint(0, 97, (2, 7))
+        tiny_llama.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+        assert rows == [1, 1, 1]  # prefill and each step: one position
+        rows.clear()
+        tiny_llama(ids)
+        assert rows == [7]
+    finally:
+        hook.remove()
+
+
+def test_cells_hold_the_idea_not_the_plumbing():
+    cells = nbformat.read(NOTEBOOK, as_version=4).cells
+    code = [c.source for c in cells if c.cell_type == "code"]
+    assert max(len(s.splitlines()) for s in code) <= 30
+    assert not re.search(r"\b(memory|decode|shapes|widgets|plots)\._\w", "\n".join(code))
+    sections = re.split(r"^## ", "\n".join(c.source for c in cells), flags=re.M)
+    for section in sections[1:]:
+        if re.match(r"[1-7]\.", section):  # each numbered section but the verdicts ends so
+            assert "**Takeaway:**" in section, section.splitlines()[0]
