@@ -47,3 +47,22 @@ def test_every_notebook_has_a_checked_exercise(path):
 def test_readme_links_each_notebook_to_colab(path):
     readme = (ROOT / "README.md").read_text()
     assert f"blob/main/notebooks/{path.name}" in readme
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_code_cell_over_30_lines(path):
+    long = [(i, len(c.source.splitlines())) for i, c in enumerate(code_cells(path))]
+    long = [(i, n) for i, n in long if n > 30]
+    assert not long, f"{path.name}: code cells over 30 lines (index, lines): {long}"
+
+
+HELPER_MODULES = sorted(p.stem for p in (ROOT / "helpers").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_call_no_private_helper(path):
+    sources = "\n".join(c.source for c in code_cells(path))
+    private = re.findall(rf"\b(?:{'|'.join(HELPER_MODULES)})\._[a-z]\w*", sources)
+    assert not private, (
+        f"{path.name} calls private helpers {sorted(set(private))}: make them public"
+    )
