@@ -299,12 +299,19 @@ def _torch_ao_dynamic(dev):
     return ""
 
 
+def _not_the_head(module, name):
+    """torchao's filter: every Linear but the output layer, which stays tied to the embeddings in
+    16 bit, as with the course's linears (quantizing it would untie it: a second, int8 copy of the
+    embedding matrix, and a transient fp32 one while it is made)."""
+    return isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+
+
 def _apply_torchao(config_name, **kwargs):
     def apply(load):
         import torchao.quantization as tq
 
         model = load(torch.bfloat16)
-        tq.quantize_(model, getattr(tq, config_name)(**kwargs))
+        tq.quantize_(model, getattr(tq, config_name)(**kwargs), filter_fn=_not_the_head)
         return model
 
     return apply
@@ -352,13 +359,11 @@ BACKENDS = {
                 lambda load: replace_linears(load(torch.bfloat16), Int4WeightOnlyLinear),
                 "int4", "bf16"),
         Backend("int8 weight-only (torchao)", "int8, per channel", _torchao,
-                _apply_torchao("Int8WeightOnlyConfig"), "int8", "bf16", head="int8"),
+                _apply_torchao("Int8WeightOnlyConfig"), "int8", "bf16"),
         Backend("int8 dynamic (torchao)", "int8 weights and activations", _torchao_int8_dynamic,
-                _apply_torchao("Int8DynamicActivationInt8WeightConfig"), "int8", "bf16",
-                head="int8"),
+                _apply_torchao("Int8DynamicActivationInt8WeightConfig"), "int8", "bf16"),
         Backend("int4 weight-only (torchao)", "int4, groups of 64", _torchao_int4,
-                _apply_torchao("Int4WeightOnlyConfig", group_size=64), "int4", "bf16",
-                head="int4"),
+                _apply_torchao("Int4WeightOnlyConfig", group_size=64), "int4", "bf16"),
         Backend("int8 (bitsandbytes)", "int8 with outliers in fp16", _no_cuda,
                 _apply_bnb(load_in_8bit=True), "int8", "fp16"),
         Backend("nf4 (bitsandbytes)", "4-bit NormalFloat", _no_cuda,

@@ -126,10 +126,10 @@ def test_predicted_weight_bytes_say_what_stays_16_bit():
     assert list(parts) == ["attention + MLP linears (int4)", "embeddings + norms (bf16)"]
     linears = shape.components()["attention"] + shape.components()["mlp"]
     assert parts["attention + MLP linears (int4)"] == linears * (0.5 + 4 / 64)
-    untied = quant.predicted_weight_bytes(
-        shapes.Shape.of("llama-2-7b"), "int8 weight-only (torchao)"
-    )
-    assert untied["lm_head (int8)"] == 32000 * 4096
+    old = quant.predicted_weight_bytes(shape, "torch.ao dynamic int8 (deprecated)")  # all Linears
+    assert old["lm_head, an untied copy of the embeddings (int8)"] == 49152 * 576
+    untied = quant.predicted_weight_bytes(shapes.Shape.of("llama-2-7b"), "int8 (bitsandbytes)")
+    assert untied["lm_head (fp16)"] == 32000 * 4096 * 2
 
 
 def test_measure_backends_one_row_each_with_spreads():
