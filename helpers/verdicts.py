@@ -41,7 +41,10 @@ class Decision(NamedTuple):
 
 
 def _g(x: float) -> str:
-    return f"{x:.3g}"
+    """Three significant figures, without scientific notation for the numbers tables show."""
+    if x != x or abs(x) >= 1e7 or (x != 0 and abs(x) < 1e-4):
+        return f"{x:.3g}"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _missing(*values: float | None) -> bool:
@@ -140,9 +143,9 @@ def monotonic(
 
 def ms(median_s: float, q1_s: float | None = None, q3_s: float | None = None) -> str:
     """Evidence text of a timing given in seconds: '12.3 ms (IQR 11.9–12.8)'."""
-    text = f"{median_s * 1e3:.3g} ms"
+    text = f"{_g(median_s * 1e3)} ms"
     if q1_s is not None and q3_s is not None:
-        text += f" (IQR {q1_s * 1e3:.3g}–{q3_s * 1e3:.3g})"
+        text += f" (IQR {_g(q1_s * 1e3)}–{_g(q3_s * 1e3)})"
     return text
 
 

@@ -105,3 +105,4 @@ def test_table_rejects_rows_of_the_wrong_width():
 def test_ms_formats_a_timing_and_its_spread():
     assert verdicts.ms(0.01234) == "12.3 ms"
     assert verdicts.ms(0.01234, 0.0119, 0.0128) == "12.3 ms (IQR 11.9–12.8)"
+    assert verdicts.ms(2.0189, 0.678, 2.0201) == "2,019 ms (IQR 678–2,020)"  # no 2.02e+03
