@@ -175,10 +175,12 @@ class PeakMemory:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor really stores, looking inside quantized tensor subclasses (torchao)."""
+    """Bytes a tensor really stores, looking inside tensor subclasses: torchao's quantized ones,
+    and a DTensor's local shard (what this rank holds; its device mesh is not a tensor)."""
     if hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
+        inner = (getattr(t, n) for n in names)
+        return sum(tensor_bytes(x) for x in inner if isinstance(x, torch.Tensor))
     return t.numel() * t.element_size()  # (torch.ao's qint8 tensors: one byte per value)
 
 

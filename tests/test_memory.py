@@ -228,3 +228,18 @@ def test_live_tensor_bytes_counts_what_lives_not_what_was_allocated():
         view = layer[:, :, :10]  # a view of a known storage adds nothing
         view.add_(1)
     assert live.peak_bytes == 0
+
+
+def test_tensor_bytes_of_a_dtensor_is_its_local_shard(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = distribute_tensor(torch.ones(8, 4), mesh, [Shard(0)])
+        assert memory.tensor_bytes(sharded) == 8 * 4 * 4  # one rank holds it all
+    finally:
+        dist.destroy_process_group()
