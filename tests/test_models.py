@@ -153,8 +153,12 @@ def test_hub_offline_fails_fast_and_says_to_use_offline(monkeypatch, tmp_path):
 
 
 def test_the_hub_probe_gives_up_on_time(monkeypatch):
+    def stuck_lookup(*args, **kwargs):  # a DNS lookup that hangs, then fails
+        time.sleep(5)
+        raise OSError("name lookup timed out")
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))  # stuck DNS
+    monkeypatch.setattr(socket, "create_connection", stuck_lookup)
     start = time.perf_counter()
     assert models.hub_reachable(timeout=0.3) is False
     assert time.perf_counter() - start < 1
