@@ -235,13 +235,25 @@ class Int4WeightOnlyLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def replace_linears(model: torch.nn.Module, make: Callable, skip=("lm_head",)) -> torch.nn.Module:
-    """Swap every nn.Linear (except `skip`, e.g. the output head tied to the embeddings)."""
-    for name, module in list(model.named_modules()):
+def replace_linears(
+    model: torch.nn.Module, make: Callable, skip=("lm_head",), release_every: int = 8
+) -> torch.nn.Module:
+    """Swap every nn.Linear (except `skip`, e.g. the output head tied to the embeddings).
+
+    The float temporaries each quantizer makes are handed back to the OS every `release_every`
+    layers: freed but kept by the C allocator, they added up to several hundred MiB."""
+    swapped = 0
+    parents = [name for name, module in model.named_modules()]  # names: a list of the modules
+    for name in parents:  # themselves would keep every replaced layer alive until the end
+        module = model.get_submodule(name)
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, torch.nn.Linear) and not any(s in full for s in skip):
                 setattr(module, child_name, make(child))
+                del child  # the replaced layer's weights can go now
+                swapped += 1
+                if swapped % release_every == 0:
+                    release_freed_memory()
     return model
 
 
