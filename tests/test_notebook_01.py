@@ -1,0 +1,77 @@
+"""Notebook 01 writes the quantizers and the dequantize-then-matmul layer itself; they must agree
+with known answers and with helpers.quant (the same integers and scales, the same outputs)."""
+
+import pytest
+import torch
+
+from helpers import quant
+from tests.notebook_defs import definitions
+
+nb = definitions("01_quantization")
+torch.manual_seed(0)
+
+
+def test_int8_known_answer():
+    w = torch.tensor([[-1.27, 0.5, 1.27, 0.0], [0.2, -0.1, 0.05, 0.0]])
+    q, scale = nb.quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == (2, 4) and scale.shape == (2, 1)
+    torch.testing.assert_close(scale, torch.tensor([[0.01], [0.2 / 127]]))
+    assert q.tolist() == [[-127, 50, 127, 0], [127, -64, 32, 0]]  # 0.1·127/0.2 = 63.5 → 64
+    torch.testing.assert_close(nb.dequantize_int8(q[:1], scale[:1]), w[:1])  # on the grid: exact
+
+
+def test_int4_known_answer():
+    row = torch.arange(64.0) % 16 / 10 - 0.5  # the values −0.5, −0.4 … 1.0, four times
+    q, scale, zero = nb.quantize_int4(row.reshape(1, 64))
+    assert q.shape == (1, 1, 64) and q.dtype == torch.uint8
+    torch.testing.assert_close(scale, torch.tensor([[[0.1]]]))  # range 1.5 over 15 steps
+    assert zero.item() == 5  # level 5 stands for 0.0
+    assert q.flatten().tolist() == (torch.arange(64) % 16).tolist()
+    torch.testing.assert_close(nb.dequantize_int4(q, scale, zero), row.reshape(1, 64))
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (7, 128)])
+def test_round_trip_error_is_at_most_half_a_step(shape):
+    w = (
+        torch.randn(*shape) * torch.logspace(-2, 1, shape[0])[:, None]
+    )  # rows of very different size
+    q, scale = nb.quantize_int8(w)
+    assert ((nb.dequantize_int8(q, scale) - w).abs() <= scale / 2 * (1 + 1e-5)).all()
+    q, scale, zero = nb.quantize_int4(w, group=64)
+    error = (nb.dequantize_int4(q, scale, zero) - w).reshape(q.shape).abs()
+    assert (error <= scale / 2 * (1 + 1e-5)).all()
+
+
+def test_int8_equals_the_helper_s():
+    w = torch.randn(48, 192)
+    q, scale = nb.quantize_int8(w)
+    hq, hscale, hzero = quant.quantize(w, bits=8, granularity="channel")
+    assert torch.equal(q.float(), hq.reshape(w.shape)) and torch.equal(scale, hscale.reshape(-1, 1))
+    assert (hzero == 0).all()
+
+
+def test_int4_equals_the_helper_s():
+    w = torch.randn(48, 192)
+    q, scale, zero = nb.quantize_int4(w, group=64)
+    hq, hscale, hzero = quant.quantize(w, bits=4, granularity="group", group_size=64,
+                                       symmetric=False)  # fmt: skip
+    assert torch.equal(q.float(), hq) and torch.equal(scale, hscale) and torch.equal(zero, hzero)
+
+
+def test_the_linear_forward_equals_the_helper_layers():
+    linear = torch.nn.Linear(192, 48, bias=True)
+    x = torch.randn(2, 3, 192)  # (batch, tokens, in)
+    w = linear.weight.detach()
+    y8 = nb.quantized_linear(x, nb.dequantize_int8(*nb.quantize_int8(w)), linear.bias)
+    assert y8.shape == (2, 3, 48)
+    layer8 = quant.Int8WeightOnlyLinear(linear, compute_dtype=torch.float32, packed=False)
+    torch.testing.assert_close(layer8(x), y8, rtol=1e-5, atol=1e-5)
+    y4 = nb.quantized_linear(x, nb.dequantize_int4(*nb.quantize_int4(w)), linear.bias)
+    for packed in (False, True):  # the readable path and PyTorch's packed CPU kernel
+        layer4 = quant.Int4WeightOnlyLinear(linear, group_size=64, packed=packed)
+        torch.testing.assert_close(layer4(x), y4, rtol=0.02, atol=0.02)  # bf16 activations
+
+
+def test_the_idea_cells_define_what_the_notebook_uses():
+    assert {"quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4",
+            "quantized_linear"} <= set(vars(nb))  # fmt: skip
