@@ -289,3 +289,18 @@ def test_alpha_beta_fit_recovers_known_parameters():
     assert (
         shapes.allreduce_bus_bytes(1000, 2) == 1000 and shapes.allreduce_bus_bytes(1000, 4) == 1500
     )
+
+
+def test_decode_communication_is_a_sliver_of_the_weight_bytes():
+    """Notebook 03, section 1: Llama-2-7B fp16 at batch 1 sends < 1% of the bytes it reads."""
+    llama = shapes.Shape.of("llama-2-7b")
+    for t in (2, 4, 8):
+        sent = 2 * llama.layers * shapes.allreduce_bus_bytes(llama.hidden * 2, t)
+        assert sent / (llama.params * 2 / t) < 0.01
+
+
+def test_the_llama_in_notebook_03_splits_2_or_4_ways_not_8():
+    for t in (1, 2, 4):
+        assert shapes.check_tp_degree(t, heads=8, kv_heads=4, intermediate=768) == t
+    with pytest.raises(ValueError, match="KV heads; use one of \\[1, 2, 4\\]"):
+        shapes.check_tp_degree(8, heads=8, kv_heads=4, intermediate=768)
