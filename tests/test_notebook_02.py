@@ -8,7 +8,8 @@ import nbformat
 import pytest
 import torch
 
-from helpers import shapes
+from helpers import shapes, widgets
+from helpers.planner import RUNTIME_RESERVE_BYTES, predict
 from tests.notebook_defs import definitions
 
 nb = definitions("02_memory_and_buffers")
@@ -50,6 +51,18 @@ def test_llama_2_7b_serving_sum_known_answer():
     assert parts["weights"] == 6_738_415_616 * 2  # 13.48 GB in fp16
     assert parts["activations"] == 4096 * (2 * 4096 + 3 * 11008) * 2
     assert parts["logits"] == 32000 * 2  # the last position's scores only
+
+
+@pytest.mark.parametrize("precision", shapes.PRECISIONS)
+def test_calculator_counts_weights_as_the_planner(precision):
+    """Section 7 says the calculator counts the weights (int4 included) as the planner does."""
+    llama = shapes.Shape.of("llama-2-7b")
+    value = shapes.VALUE_BYTES[precision]
+    parts = widgets.memory_parts("llama-2-7b", precision, batch=1, context=4096)
+    p = predict(model="llama-2-7b", dtype=precision, batch=1, prompt_tokens=4095, new_tokens=1)
+    others = RUNTIME_RESERVE_BYTES + shapes.kv_cache_bytes(llama, 1, 4096, value)
+    others += shapes.activation_bytes(llama, 1, 4095, value)
+    assert parts["weights"] == pytest.approx(p.memory_per_gpu_bytes - others, abs=1)
 
 
 def test_generate_scores_only_the_last_prompt_position(tiny_llama):
