@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from helpers import checks, decode
 from helpers.device import as_device, check_finite, cpu_has_int8_dot_product
-from helpers.memory import PeakMemory, release_freed_memory, rss_bytes, weight_bytes
+from helpers.memory import PeakMemory, release_freed_memory, weight_bytes
 from helpers.shapes import WEIGHT_BYTES, Shape
 
 # --- Quantizers, written out -----------------------------------------------------------------
@@ -462,7 +462,6 @@ def measure_backends(
     shape, reference, rows = None, None, []
     for name in names or list(BACKENDS):
         release_freed_memory()  # the previous backend, before measuring this one
-        before = rss_bytes()
         with PeakMemory(device) as peak:
             model, note = load_backend(name, load, device)
         row = {"backend": name, "stored as": BACKENDS[name].weights, "status": note or "ok"}
@@ -472,7 +471,7 @@ def measure_backends(
             row["weight_bytes"] = weight_bytes(model, include_buffers=True)
             row["predicted_bytes"] = sum(predicted_weight_bytes(shape, name).values())
             row["serialized_bytes"] = serialized_bytes(model)
-            row["load_peak_increase"] = peak.peak_bytes - (before if device.type == "cpu" else 0)
+            row["load_peak_increase"] = peak.increase_bytes
             row["perplexity"] = perplexity(model, eval_ids.to(device))
             with torch.inference_mode():
                 ids = eval_ids[:compare_positions].unsqueeze(0).to(device)

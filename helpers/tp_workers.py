@@ -62,13 +62,12 @@ def held_bytes(model) -> dict[str, int]:
     """Weight bytes this process holds: of the linears TP splits, and of the whole model.
     A DTensor parameter counts its local shard (what this rank really stores); tied weights once."""
     split = tuple(f".{name}" for name in COLWISE + ROWWISE)
-    local = {id(p): p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()}
     in_split = {
-        id(p) for n, m in model.named_modules() if n.endswith(split) for p in m.parameters()
+        id(p): p for n, m in model.named_modules() if n.endswith(split) for p in m.parameters()
     }
     return {
-        "linears": sum(memory.tensor_bytes(t) for i, t in local.items() if i in in_split),
-        "all": sum(memory.tensor_bytes(t) for t in local.values()),
+        "linears": sum(memory.tensor_bytes(p) for p in in_split.values()),
+        "all": memory.weight_bytes(model),
     }
 
 
