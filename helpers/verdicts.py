@@ -141,6 +141,27 @@ def monotonic(
     return Decision(FAILS if backwards or sign * (last - first) < 0 else HOLDS, rule)
 
 
+def say(decision: Decision | tuple[str, str], **texts: str) -> str:
+    """The sentence that follows `decision`'s verdict: prose never contradicts its own run.
+
+    Give one text per verdict the decision can reach, as keywords `holds=`, `fails=`, `noise=`
+    and `not_measured=` (missing ones fall back to `fails`, then to a sentence naming the
+    verdict). The chosen text is formatted by the caller from this run's numbers:
+
+        verdicts.say(decision, holds=f"{ratio:.2f}× the floor: bandwidth sets the step.",
+                     fails=f"{ratio:.2f}× the floor: something else costs more (below).")
+    """
+    verdict, rule = decision
+    keys = {HOLDS: "holds", FAILS: "fails", NOISE: "noise", NOT_MEASURED: "not_measured"}
+    unknown = set(texts) - set(keys.values())
+    if unknown:
+        raise TypeError(f"say() takes texts for {sorted(keys.values())}, not {sorted(unknown)}")
+    text = texts.get(keys.get(verdict, ""))
+    if text is None and verdict in (NOISE, NOT_MEASURED):
+        return f"Verdict: {verdict} ({rule})."
+    return text if text is not None else texts.get("fails", f"Verdict: {verdict} ({rule}).")
+
+
 def ms(median_s: float, q1_s: float | None = None, q3_s: float | None = None) -> str:
     """Evidence text of a timing given in seconds: '12.3 ms (IQR 11.9–12.8)'."""
     text = f"{_g(median_s * 1e3)} ms"

@@ -106,3 +106,16 @@ def test_ms_formats_a_timing_and_its_spread():
     assert verdicts.ms(0.01234) == "12.3 ms"
     assert verdicts.ms(0.01234, 0.0119, 0.0128) == "12.3 ms (IQR 11.9–12.8)"
     assert verdicts.ms(2.0189, 0.678, 2.0201) == "2,019 ms (IQR 678–2,020)"  # no 2.02e+03
+
+
+def test_say_follows_the_verdict_it_is_given():
+    texts = {"holds": "bandwidth sets it", "fails": "something else costs more"}
+    assert verdicts.say(verdicts.at_most("x", 1.0, 2.0), **texts) == "bandwidth sets it"
+    assert verdicts.say(verdicts.at_most("x", 3.0, 2.0), **texts) == "something else costs more"
+    noisy = verdicts.compare("a", 10.0, (9, 11), "b", 10.5, (9.5, 11.5))
+    assert verdicts.say(noisy, **texts).startswith("Verdict: within noise")
+    assert verdicts.say(noisy, noise="too close to call", **texts) == "too close to call"
+    missing = verdicts.at_most("x", float("nan"), 2.0)
+    assert "not measured here" in verdicts.say(missing, **texts)
+    with pytest.raises(TypeError, match="not_measured"):
+        verdicts.say(noisy, hold="typo")
