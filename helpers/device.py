@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -113,6 +114,57 @@ def dtype_note(dtype: torch.dtype, device: torch.device) -> str:
         if dtype == torch.float16 and not _cpu_has("avx512_fp16") and "AMX" not in cap:
             return "no fp16 arithmetic on this CPU: converted in software"
     return ""
+
+
+CPU_CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def cache_sizes(device: torch.device | str | None = None, root: Path | None = None) -> dict:
+    """Bytes of each data cache level between this device and its memory, e.g. {'L1': 32768,
+    'L2': 1048576, 'L3': 33554432}: on a CPU as Linux reports them for core 0 (an L3 is shared by
+    the cores); on a CUDA GPU its L2. Empty where the system does not say."""
+    device = as_device(device or "cpu")
+    if device.type == "cuda":
+        return {"L2": int(torch.cuda.get_device_properties(device).L2_cache_size)}
+    sizes = {}
+    for index in sorted((root or CPU_CACHE_DIR).glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            size = _parse_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if kind != "Instruction":
+            sizes[f"L{level}"] = max(size, sizes.get(f"L{level}", 0))
+    return sizes
+
+
+def _parse_size(text: str) -> int:
+    """'32K', '1024K', '32M' (as Linux writes cache sizes) → bytes."""
+    text = text.strip().upper()
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    if text and text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def last_level_cache(device: torch.device | str | None = None) -> int:
+    """Bytes of the largest cache in front of memory (0 if unknown)."""
+    return max(cache_sizes(device).values(), default=0)
+
+
+# Binder gives a notebook 2 GB: the streamed buffers must fit beside the kernel (~0.5 GB).
+STREAM_CAP_BYTES = 768 * 2**20
+
+
+def streamed_size(device, at_least: int, buffers: int = 1) -> tuple[int, bool]:
+    """Bytes per buffer for a measurement that must stream from memory, not from a cache:
+    `buffers` buffers that together hold at least twice the last-level cache (and `at_least`
+    bytes each), within `STREAM_CAP_BYTES` in all. The flag says whether they got there (False:
+    memory did not allow it, and the figure may include cache)."""
+    need = 2 * last_level_cache(device)
+    each = min(max(at_least, -(-need // buffers)), STREAM_CAP_BYTES // buffers)
+    return int(each), each * buffers >= need
 
 
 def cpu_has_int8_dot_product() -> bool:

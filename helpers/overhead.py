@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from helpers.bench import measure, synchronize
 from helpers.decode import greedy_decode
-from helpers.device import as_device
+from helpers.device import as_device, last_level_cache, streamed_size
 from helpers.models import llama_from_config
 
 
@@ -105,9 +105,11 @@ def linear_rates(
     total_bytes: float = 128e6, repeats: int = 5,
 ) -> pd.DataFrame:  # fmt: skip
     """FLOP/s of decode-shaped products: `batch` rows times square weights of `width`, over
-    enough distinct weights (`total_bytes`) that they stream from memory as a model's do."""
+    enough distinct weights (`total_bytes`, grown to twice the last-level cache) that they stream
+    from memory as a model's do."""
     device = as_device(device)
     itemsize = torch.finfo(dtype).bits // 8
+    total_bytes, _ = streamed_size(device, int(total_bytes))
     count = max(2, int(total_bytes // (width * width * itemsize)))
     weights = [torch.randn(width, width, device=device, dtype=dtype) for _ in range(count)]
     rows = []
@@ -135,13 +137,18 @@ def work_sweep(
 
     Each row gives the product's bytes and FLOPs, its first-principles time
     max(bytes ÷ `bandwidth`, FLOPs ÷ `peak_flops`) and the measured time. Matrix-vector shapes
-    cycle through distinct copies of the weight, so they stream from memory, not from cache."""
+    cycle through distinct copies of the weight totalling `total_bytes` (at least twice the
+    last-level cache), so they stream from memory, not from cache; `cached` says where the
+    copies could not outgrow the cache (memory cap)."""
     device = as_device(device)
     itemsize = torch.finfo(dtype).bits // 8
+    total_bytes, _ = streamed_size(device, int(total_bytes))
+    need = 2 * last_level_cache(device)
     rows = []
     for m, n in shapes:
         streaming = m == 1  # only matrix-vector products need copies to defeat the cache
-        count = int(min(64, max(1, total_bytes // (n * n * itemsize)))) if streaming else 1
+        copies = total_bytes // (n * n * itemsize)  # tiny ones sit on the overhead anyway
+        count = int(min(256, max(1, copies))) if streaming else 1
         weights = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(count)]
         x = torch.randn(m, n, device=device, dtype=dtype)
 
@@ -154,6 +161,7 @@ def work_sweep(
         rows.append({"rows": m, "n": n, "bytes": nbytes, "flops": flops,
                      "memory_s": nbytes / bandwidth, "compute_s": flops / peak_flops,
                      "measured_s": t.median / count, "q1_s": t.q1 / count,
-                     "q3_s": t.q3 / count})  # fmt: skip
+                     "q3_s": t.q3 / count,
+                     "cached": streaming and count * n * n * itemsize < need})  # fmt: skip
         del weights
     return pd.DataFrame(rows)

@@ -20,7 +20,17 @@ from tqdm.auto import tqdm
 
 from helpers import BUILD_DIR, overhead
 from helpers.bench import measure
-from helpers.device import Preset, describe, dtype_name, dtype_note, supported_dtypes
+from helpers.device import (
+    STREAM_CAP_BYTES,
+    Preset,
+    as_device,
+    describe,
+    dtype_name,
+    dtype_note,
+    last_level_cache,
+    streamed_size,
+    supported_dtypes,
+)
 
 
 def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> float:
@@ -174,23 +184,62 @@ def measure_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: in
     w = torch.randn(n, n, device=device).to(dtype)
     # F.linear, not `a @ b`: some CPU builds take a pathologically slow path for fp16 `@`.
     timing = measure(lambda: F.linear(a, w), name=f"matmul {n}", repeats=repeats, device=device)
-    name = dtype_name(dtype)
-    return _row(
-        timing, "matmul", name, n, matmul_flops(n, n, n), "FLOP/s", dtype_note(dtype, device)
-    )
+    return _row(timing, "matmul", dtype_name(dtype), n, matmul_flops(n, n, n), "FLOP/s")
+
+
+def _cache_note(beyond_cache: bool) -> str:
+    if beyond_cache:
+        return "streamed: the buffers hold ≥ 2× the last-level cache"
+    return "buffers smaller than 2× the last-level cache (memory cap): may include cache"
 
 
 def measure_read(device: torch.device, nbytes: int, repeats: int) -> dict:
+    nbytes, beyond = streamed_size(device, nbytes)
     x = torch.ones(nbytes // 4, device=device)  # ones, not empty: untouched pages read as free
     timing = measure(lambda: x.sum(), name="read", repeats=repeats, device=device)
-    return _row(timing, "read", "bytes", nbytes, nbytes, "B/s")
+    return _row(timing, "read", "bytes", nbytes, nbytes, "B/s", _cache_note(beyond))
 
 
 def measure_copy(device: torch.device, nbytes: int, repeats: int) -> dict:
+    nbytes, beyond = streamed_size(device, nbytes, buffers=2)
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.zeros_like(src)
     timing = measure(lambda: dst.copy_(src), name="copy", repeats=repeats, device=device)
-    return _row(timing, "copy", "bytes", nbytes, 2 * nbytes, "B/s")  # read + write
+    return _row(timing, "copy", "bytes", nbytes, 2 * nbytes, "B/s", _cache_note(beyond))
+
+
+def read_sweep(device, sizes: list[int], repeats: int = 7) -> pd.DataFrame:
+    """Read bandwidth against buffer size, for the L2 → L3 → memory staircase.
+
+    Each size sums one buffer of that many bytes; the time of summing a one-element tensor
+    (the cost of calling the operation at all) is subtracted first, so small buffers show the
+    cache's speed rather than the call's. Sizes beyond `STREAM_CAP_BYTES` are left out."""
+    device = as_device(device)
+    tiny = torch.ones(1, device=device)
+    call_s = measure(lambda: tiny.sum(), repeats=repeats * 3, device=device).median
+    rows = []
+    for nbytes in sorted(set(int(n) for n in sizes)):
+        if nbytes > STREAM_CAP_BYTES:
+            continue
+        x = torch.ones(max(1, nbytes // 4), device=device)
+        t = measure(lambda x=x: x.sum(), repeats=repeats, device=device)
+        rows.append({"bytes": nbytes, "seconds": t.median, "call_s": call_s,
+                     "bandwidth": nbytes / max(t.median - call_s, 1e-9),
+                     "low": nbytes / max(t.q3 - call_s, 1e-9),
+                     "high": nbytes / max(t.q1 - call_s, 1e-9)})  # fmt: skip
+        del x
+    return pd.DataFrame(rows)
+
+
+def read_sweep_sizes(device, working_set: int | None = None) -> list[int]:
+    """Buffer sizes for `read_sweep`: ×4 steps from 256 KiB to 2× the last-level cache (at least
+    256 MiB), plus `working_set` (e.g. the bytes one decode step reads)."""
+    top = max(256 * 2**20, 2 * last_level_cache(device))
+    sizes, n = [], 256 * 2**10
+    while n <= top:
+        sizes.append(n)
+        n *= 4
+    return sizes + ([int(working_set)] if working_set else [])
 
 
 def measure_host_device(device: torch.device, nbytes: int, repeats: int) -> list[dict]:
@@ -204,6 +253,24 @@ def measure_host_device(device: torch.device, nbytes: int, repeats: int) -> list
         rows.append(_row(h2d, f"host→device {kind}", "bytes", nbytes, nbytes, "B/s"))
         rows.append(_row(d2h, f"device→host {kind}", "bytes", nbytes, nbytes, "B/s"))
     return rows
+
+
+def native_notes(df: pd.DataFrame) -> dict[str, str]:
+    """Per matmul dtype, whether it runs natively here, judged from the measurement: a format
+    without arithmetic units of its own is converted and computed in fp32, so it cannot beat
+    fp32; a 16-bit format whose best matmul is faster than fp32's has units for it."""
+    best = df[df.ceiling == "matmul"].groupby("dtype")["value"].max()
+    if "fp32" not in best:
+        return {}
+    notes = {"fp32": "the reference format"}
+    for dt, value in best.drop("fp32").items():
+        ratio = value / best["fp32"]
+        notes[dt] = (
+            f"native: {ratio:.1f}× fp32's best (faster than converting to fp32 could be)"
+            if ratio > 1
+            else f"emulated: {ratio:.2f}× fp32's best (no faster than converting to fp32)"
+        )
+    return notes
 
 
 def measure_ceilings(device: torch.device, preset: Preset) -> pd.DataFrame:
@@ -223,6 +290,7 @@ def measure_ceilings(device: torch.device, preset: Preset) -> pd.DataFrame:
     if device.type == "cuda":
         rows += measure_host_device(device, nbytes, preset.repeats)
     df = pd.DataFrame(rows)
+    df["note"] = df.note.mask(df.ceiling == "matmul", df.dtype.map(native_notes(df)))
     df["device"] = str(device)
     df["torch"] = torch.__version__
     return df

@@ -59,3 +59,18 @@ def test_describe_reports_versions():
     info = device.describe(torch.device("cpu"))
     assert info["torch"] == torch.__version__
     assert int(info["cpu cores (logical)"]) >= 1
+
+
+def test_cache_sizes_read_from_sysfs(tmp_path):
+    for i, (level, kind, size) in enumerate(
+        [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
+         (3, "Unified", "300M")]
+    ):  # fmt: skip
+        index = tmp_path / f"index{i}"
+        index.mkdir()
+        (index / "level").write_text(f"{level}\n")
+        (index / "type").write_text(f"{kind}\n")
+        (index / "size").write_text(f"{size}\n")
+    sizes = device.cache_sizes("cpu", root=tmp_path)
+    assert sizes == {"L1": 48 * 2**10, "L2": 2 * 2**20, "L3": 300 * 2**20}
+    assert device.cache_sizes("cpu", root=tmp_path / "missing") == {}

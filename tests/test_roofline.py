@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import roofline
+from helpers import device, roofline
 
 
 def test_roofline_arithmetic():
@@ -43,6 +43,42 @@ def test_measured_rows_are_consistent():
     cpu = torch.device("cpu")
     read = roofline.measure_read(cpu, 8 * 2**20, repeats=3)
     assert read["low"] <= read["value"] <= read["high"]
-    assert read["value"] == pytest.approx(8 * 2**20 / read["median_s"])
+    assert read["size"] >= 8 * 2**20  # grown past the cache where this machine has one
+    assert read["value"] == pytest.approx(read["size"] / read["median_s"])
     mm = roofline.measure_matmul(cpu, torch.float32, 64, repeats=3)
     assert mm["value"] == pytest.approx(2 * 64**3 / mm["median_s"])
+
+
+def test_streamed_buffers_exceed_twice_the_last_level_cache(monkeypatch):
+    llc = 300 * 2**20  # the Xeon's L3
+    monkeypatch.setattr(device, "last_level_cache", lambda device: llc)
+    each, beyond = device.streamed_size("cpu", 256 * 2**20)
+    assert each >= 2 * llc and beyond
+    each, beyond = device.streamed_size("cpu", 256 * 2**20, buffers=2)  # a copy: src + dst
+    assert 2 * each >= 2 * llc and beyond
+    monkeypatch.setattr(device, "last_level_cache", lambda device: 2**30)  # beyond the cap
+    each, beyond = device.streamed_size("cpu", 256 * 2**20)
+    assert each == device.STREAM_CAP_BYTES and not beyond
+    monkeypatch.setattr(device, "last_level_cache", lambda device: 0)  # unknown caches
+    assert device.streamed_size("cpu", 8 * 2**20) == (8 * 2**20, True)
+
+
+def test_native_means_faster_than_fp32_as_measured():
+    df = pd.DataFrame(
+        [("matmul", "fp32", 2e11), ("matmul", "bf16", 5e11), ("matmul", "fp16", 4e10),
+         ("read", "bytes", 2e10)],
+        columns=["ceiling", "dtype", "value"],
+    )  # fmt: skip
+    notes = roofline.native_notes(df)
+    assert notes["bf16"].startswith("native: 2.5×")
+    assert notes["fp16"].startswith("emulated: 0.20×")
+    assert set(notes) == {"fp32", "bf16", "fp16"} and all(notes.values())
+
+
+def test_read_sweep_gives_one_row_per_size_and_the_sizes_span_the_caches(monkeypatch):
+    monkeypatch.setattr(roofline, "last_level_cache", lambda device: 32 * 2**20)
+    sizes = roofline.read_sweep_sizes("cpu", working_set=100 * 2**20)
+    assert sizes[0] == 256 * 2**10 and max(sizes[:-1]) >= 64 * 2**20 and sizes[-1] == 100 * 2**20
+    df = roofline.read_sweep("cpu", [2**18, 2**20], repeats=3)
+    assert list(df.bytes) == [2**18, 2**20]
+    assert (df.bandwidth > 0).all() and (df.low <= df.high).all()
