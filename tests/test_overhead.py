@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import overhead, roofline
+from helpers import device, overhead, roofline
 
 
 def test_fit_line_recovers_planted_constants():
@@ -28,10 +28,12 @@ def test_step_overhead_grows_with_layers():
     assert df.step_s.iloc[1] > df.step_s.iloc[0]  # 24 layers dispatch far more than one
 
 
-def test_linear_rates_count_the_flops():
-    df = overhead.linear_rates("cpu", batches=(1, 4), width=128, total_bytes=1e6, repeats=2)
-    count = int(1e6 // (128 * 128 * 4))
+def test_linear_rates_count_the_flops_over_weights_beyond_the_cache(monkeypatch):
+    monkeypatch.setattr(device, "last_level_cache", lambda device: 2**20)  # a 1 MiB cache
+    df = overhead.linear_rates("cpu", batches=(1, 4), width=128, total_bytes=1e5, repeats=2)
+    count = int(2 * 2**20 // (128 * 128 * 4))  # grown to 2× the cache: 32 weights
     assert list(df.flops) == [2 * b * 128 * 128 * count for b in (1, 4)]
+    assert (df.weight_bytes >= 2 * 2**20).all()
     assert (df.flops_per_s == df.flops / df.median_s).all()
 
 
