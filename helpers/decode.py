@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from helpers import checks
 from helpers.bench import measure, quartiles, synchronize, timed
@@ -99,20 +98,46 @@ def _check_llama(model) -> None:
         )
 
 
-def _layers(model, hidden, cos, sin, head_dim, attend) -> torch.Tensor:
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The Llama RMSNorm `norm` applied to `x` as one fused operation instead of the module's
+    seven (upcast, square, mean, add ε, rsqrt, scale, downcast): the same values, bit for bit.
+    In 16 bits the normalisation runs in fp32 and the weight multiplies after the downcast, as
+    the module does."""
+    shape, eps = norm.weight.shape, norm.variance_epsilon
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, shape, norm.weight, eps)
+    return norm.weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+
+
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor):
+    """(cos, signed sin) broadcast over heads, made once per step for every layer's `rotate`:
+    rotate_half(x) · sin = roll(x, half) · [−sin₁, sin₂], so the rotation is four operations."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(1), signed.unsqueeze(1)  # (batch, 1, length, head_dim)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of `x` (batch, heads, length, head_dim), equal to
+    transformers' apply_rotary_pos_emb bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def layers(model, hidden, cos, sin, head_dim, attend) -> torch.Tensor:
     """Every decoder layer; `attend(i, q, k, v)` stores k, v in the cache and returns attention."""
     batch, length, _ = hidden.shape
+    cos, signed_sin = rotary_tables(cos, sin)
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        x = layer.input_layernorm(hidden)
+        x = rms_norm(layer.input_layernorm, hidden)
         # (batch, length, heads · head_dim) → (batch, heads, length, head_dim)
         q = attn.q_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
         o = attend(i, q, k, v, attn.scaling)
         hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-        x = layer.post_attention_layernorm(hidden)
+        x = rms_norm(layer.post_attention_layernorm, hidden)
         hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     return hidden
 
@@ -137,8 +162,8 @@ def forward(
             scale=scale, enable_gqa=True,  # several query heads share each key/value head
         )  # fmt: skip
 
-    hidden = _layers(model, hidden, cos, sin, cache.head_dim, attend)
-    return model.lm_head(body.norm(hidden if all_logits else hidden[:, -1:]))
+    hidden = layers(model, hidden, cos, sin, cache.head_dim, attend)
+    return model.lm_head(rms_norm(body.norm, hidden if all_logits else hidden[:, -1:]))
 
 
 def prefill(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -165,8 +190,8 @@ def decode_one_token(model, token: torch.Tensor, cache: KVCache, pos: torch.Tens
             q, cache.keys[i], cache.values[i], attn_mask=visible, scale=scale, enable_gqa=True
         )
 
-    hidden = _layers(model, hidden, cos, sin, cache.head_dim, attend)
-    return model.lm_head(body.norm(hidden))[:, -1].argmax(-1, keepdim=True)
+    hidden = layers(model, hidden, cos, sin, cache.head_dim, attend)
+    return model.lm_head(rms_norm(body.norm, hidden))[:, -1].argmax(-1, keepdim=True)
 
 
 class CompileFallbackWarning(UserWarning):

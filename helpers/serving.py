@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from helpers import DATA_DIR, checks, planner
 from helpers.bench import timed
-from helpers.decode import _check_llama, _layers
+from helpers.decode import _check_llama, layers
 from helpers.device import check_finite
 
 POLICIES = ("continuous", "static")
@@ -370,7 +370,7 @@ def _forward(model, cache: PagedKVCache, work, finishing) -> list[int]:
     body = model.model
     hidden = body.embed_tokens(ids.to(device).unsqueeze(0))
     cos, sin = body.rotary_emb(hidden, positions.to(device).unsqueeze(0))
-    hidden = _layers(model, hidden, cos, sin, cache.head_dim, attend)
+    hidden = layers(model, hidden, cos, sin, cache.head_dim, attend)
     if not any(finishing):  # only prompt chunks this step: no sequence needs logits
         return []
     ends = [int(e) for e, f in zip(np.cumsum(counts) - 1, finishing, strict=True) if f]
