@@ -37,9 +37,13 @@ def roofline(
     bandwidth: float | None = None,
     ax: plt.Axes | None = None,
     attainable: Callable[[float, float, float], float] = attainable_flops,
+    skinny: dict[int, float] | None = None,
+    skinny_bytes: int = 4,
 ) -> plt.Axes:
     """Roofline per dtype from measured ceilings, with measured points on it.
 
+    `skinny`: FLOP/s of decode-shaped products by batch (`Ceilings.linear_flops`), drawn as a
+    measured roof of its own at their intensity, 2 · batch FLOPs per weight of `skinny_bytes`.
     `attainable(intensity, peak, bandwidth)` draws the roofs (notebook 00 passes its own).
     `points`: dicts with `intensity` (FLOP/byte), `flops` (FLOP/s) and optionally `label`,
     `dtype` (coloured like that dtype's roof), `marker` and `xytext` (label offset in points).
@@ -54,6 +58,18 @@ def roofline(
         ax.plot(intensities, roof, color=colors[dtype], label=label)
     ax.plot(intensities, intensities * bandwidth, ls=":", color="grey",
             label=f"memory roof: {bandwidth / 1e9:.3g} GB/s")  # fmt: skip
+    if skinny:
+        batches = sorted(skinny)
+        xs = [2 * b / skinny_bytes for b in batches]
+        ax.plot(
+            xs,
+            [skinny[b] for b in batches],
+            "-D",
+            color="black",
+            ms=4,
+            lw=1,
+            label=f"decode-shaped products, batch {batches[0]}–{batches[-1]} (measured)",
+        )
     for p in points or []:
         color = colors.get(p.get("dtype"), "black")
         marker = p.get("marker", "o")
@@ -96,6 +112,50 @@ def three_limits(sweep, overhead_s: float, ax: plt.Axes | None = None) -> plt.Ax
     ax.set(xscale="log", yscale="log", xlabel="first-principles time per product (s)",
            ylabel="measured time per product (s)")  # fmt: skip
     ax.legend(fontsize=8)
+    return ax
+
+
+def read_staircase(sweep, caches: dict[str, int], working_set: int | None = None,
+                   ax: plt.Axes | None = None) -> plt.Axes:  # fmt: skip
+    """Read bandwidth against buffer size (`roofline.read_sweep` rows), each cache level's size
+    drawn as a vertical line and the bytes of one decode step marked."""
+    ax = ax or plt.subplots(figsize=(7, 3.4))[1]
+    gbs = 1e9
+    ax.errorbar(sweep.bytes, sweep.bandwidth / gbs, fmt="o-", capsize=3, color="C0",
+                yerr=[(sweep.bandwidth - sweep.low) / gbs, (sweep.high - sweep.bandwidth) / gbs],
+                label="read bandwidth (sum of one buffer)")  # fmt: skip
+    for i, (level, size) in enumerate(sorted(caches.items())):
+        ax.axvline(size, color="grey", ls="--", lw=1)
+        ax.annotate(
+            f"{level} {size / 2**20:g} MiB",
+            (size, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12 - 10 * (i % 2)),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    if working_set:
+        ax.axvline(working_set, color="C3", lw=1.5, label="bytes one decode step reads")
+    ax.set(xscale="log", xlabel="buffer size (bytes)", ylabel="GB/s", ylim=(0, None))
+    ax.legend(fontsize=8, loc="lower left")
+    return ax
+
+
+def profile_bars(parts, ax: plt.Axes | None = None) -> plt.Axes:
+    """Two stacked bars, predicted and measured, one segment per category of a step
+    (`helpers.profile.compare` rows), each category in the same colour in both bars."""
+    ax = ax or plt.subplots(figsize=(7.5, 3.0))[1]
+    colors = sns.color_palette("colorblind", len(parts))
+    for col, y in (("predicted_ms", "predicted"), ("measured_ms", "measured (profiled)")):
+        left = 0.0
+        for color, row in zip(colors, parts.itertuples(), strict=True):
+            value = getattr(row, col)
+            ax.barh(y, value, left=left, color=color, label=row.category if col == "measured_ms"
+                    else None)  # fmt: skip
+            left += value
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per decode step")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax
 
 

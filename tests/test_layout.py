@@ -13,10 +13,10 @@ MODULES = sorted(p.stem for p in HELPERS.glob("*.py") if p.stem != "__init__")
 # Lower layers never import higher ones: facts (pure arithmetic, no torch) → measurement →
 # engine → probes of this machine → the lab (what only notebooks use).
 LAYERS = {
-    "facts": {"checks", "shapes", "planner", "verdicts"},
+    "facts": {"checks", "shapes", "planner", "verdicts", "explain"},
     "measurement": {"device", "bench", "memory", "noise"},
     "engine": {"models", "decode", "quant", "tp", "tp_workers", "serving"},
-    "probes": {"overhead", "roofline"},
+    "probes": {"overhead", "roofline", "profile"},
     "lab": {"plots", "widgets", "exercises"},
 }
 RANK = {module: i for i, names in enumerate(LAYERS.values()) for module in names}
