@@ -10,6 +10,7 @@ and the deprecated `torch.ao` dynamic quantization that old tutorials use.
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import checks, decode
+from helpers.bench import quartiles
 from helpers.device import as_device, check_finite, cpu_has_int8_dot_product
 from helpers.memory import PeakMemory, release_freed_memory, weight_bytes
-from helpers.shapes import WEIGHT_BYTES, Shape
+from helpers.shapes import VALUE_BYTES, WEIGHT_BYTES, Shape, kv_cache_bytes
 
 # --- Quantizers, written out -----------------------------------------------------------------
 
@@ -115,14 +117,44 @@ def quantization_errors(
     return pd.DataFrame(rows)
 
 
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """‖approx − exact‖ / ‖exact‖."""
+    return ((approx - exact).norm() / exact.norm()).item()
+
+
 def outlier_ratios(model, matrices: Sequence[str] = ("self_attn.q_proj", "mlp.down_proj")):
-    """max |w| / std(w) of each named weight matrix in every decoder layer (a Llama's)."""
+    """max |w| / std(w) of each named weight matrix in every decoder layer (a Llama's), and its
+    int8 absmax error ‖ŵ − w‖ / ‖w‖ with one scale per tensor and one per output channel."""
     rows = []
     for i, layer in enumerate(model.model.layers):
         for name in matrices:
             w = layer.get_submodule(name).weight.detach().float()  # a copy, freed each turn
-            rows.append({"layer": i, "matrix": name, "max / std": (w.abs().max() / w.std()).item()})
+            row = {"layer": i, "matrix": name, "max / std": (w.abs().max() / w.std()).item()}
+            for granularity in ("tensor", "channel"):
+                approx = fake_quantize(w, bits=8, granularity=granularity)
+                row[f"int8 error, per {granularity}"] = relative_error(approx, w)
+            rows.append(row)
     return pd.DataFrame(rows)
+
+
+@torch.inference_mode()
+def output_errors(
+    products: dict[str, Callable], exact: Callable, x: torch.Tensor, draws: int = 8, seed: int = 0
+) -> pd.DataFrame:
+    """Relative error ‖f(x) − exact(x)‖ / ‖exact(x)‖ of each quantized product `f` on `x` (real
+    activations, tokens × channels) and on `draws` Gaussian inputs of x's shape and standard
+    deviation — the same layer fed values without outlier channels (median and quartiles)."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    gaussians = [torch.randn(x.shape, generator=gen, device=x.device) * x.std() for _ in
+                 range(draws)]  # fmt: skip
+    rows = []
+    for name, f in products.items():
+        q1, median, q3 = quartiles([relative_error(f(g), exact(g)) for g in gaussians])
+        real = relative_error(f(x), exact(x))
+        ratio = real / median if median else math.nan
+        rows.append({"scheme": name, "real activations": real, "Gaussian inputs": median,
+                     "Gaussian q1": q1, "Gaussian q3": q3, "real ÷ Gaussian": ratio})  # fmt: skip
+    return pd.DataFrame(rows).set_index("scheme")
 
 
 @torch.inference_mode()
@@ -273,6 +305,15 @@ class Backend:
     linears: str = "fp32"
     rest: str = "fp32"
     head: str | None = None
+    # the format its matmuls multiply in (a key of Ceilings.matmul_flops): weight-only formats
+    # multiply 16-bit activations (`rest`'s format); dynamic ones int8 by int8
+    compute: str | None = None
+
+    @property
+    def compute_format(self) -> str:
+        if self.compute:
+            return self.compute
+        return self.linears if self.linears in ("fp32", "bf16", "fp16") else self.rest
 
 
 def _no_cuda(dev):
@@ -338,17 +379,23 @@ def _apply_bnb(**kwargs):
     return apply
 
 
-def _apply_torch_ao_dynamic(load):
+def torch_ao_dynamic_linear(linear: torch.nn.Linear, per_channel: bool = False):
+    """One Linear as `quantize_dynamic` converts it: int8 weights with one scale per tensor
+    (torch.ao's default qconfig) or per output channel (`per_channel_dynamic_qconfig`); at run
+    time the activations are quantized per tensor (reduce_range: 7 bits on x86)."""
+    q = torch.ao.quantization
+    linear = copy.deepcopy(linear).float()  # the caller's layer stays as it is
+    linear.qconfig = q.per_channel_dynamic_qconfig if per_channel else q.default_dynamic_qconfig
+    return torch.ao.nn.quantized.dynamic.Linear.from_float(linear)
+
+
+def torch_ao_dynamic(load, per_channel: bool = False):
     """What `quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8)` makes (every Linear,
     the output layer included), converted one layer at a time from the 16-bit checkpoint: a whole
     fp32 copy beside the bf16 one would double the memory this step needs."""
-    dynamic = torch.ao.nn.quantized.dynamic.Linear
-    qconfig = torch.ao.quantization.default_dynamic_qconfig
 
     def make(linear):
-        linear = linear.float()
-        linear.qconfig = qconfig
-        return dynamic.from_float(linear)
+        return torch_ao_dynamic_linear(linear, per_channel)
 
     model = replace_linears(load(torch.bfloat16), make, skip=())
     return model.float()  # embeddings and norms: the activations the int8 layers expect
@@ -373,7 +420,8 @@ BACKENDS = {
         Backend("int8 weight-only (torchao)", "int8, per channel", _torchao,
                 _apply_torchao("Int8WeightOnlyConfig"), "int8", "bf16"),
         Backend("int8 dynamic (torchao)", "int8 weights and activations", _torchao_int8_dynamic,
-                _apply_torchao("Int8DynamicActivationInt8WeightConfig"), "int8", "bf16"),
+                _apply_torchao("Int8DynamicActivationInt8WeightConfig"), "int8", "bf16",
+                compute="int8"),
         Backend("int4 weight-only (torchao)", "int4, groups of 64", _torchao_int4,
                 _apply_torchao("Int4WeightOnlyConfig", group_size=64), "int4", "bf16"),
         Backend("int8 (bitsandbytes)", "int8 with outliers in fp16", _no_cuda,
@@ -382,7 +430,8 @@ BACKENDS = {
                 _apply_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                            bnb_4bit_compute_dtype=torch.float16), "int4", "fp16"),
         Backend("torch.ao dynamic int8 (deprecated)", "int8 weights and activations",
-                _torch_ao_dynamic, _apply_torch_ao_dynamic, "int8", "fp32", head="int8"),
+                _torch_ao_dynamic, torch_ao_dynamic, "int8", "fp32", head="int8",
+                compute="int8"),
     ]
 }  # fmt: skip
 
@@ -435,6 +484,62 @@ def predicted_weight_bytes(shape: Shape, backend: str) -> dict[str, float]:
     return predicted
 
 
+def step_bytes(shape: Shape, backend: str, batch: int, context: int) -> dict[str, float]:
+    """Bytes one decode step of `batch` sequences reads, by part, when the KV cache holds
+    `context` positions: every attention and MLP weight once, the norms, **one embedding row per
+    sequence** (a lookup, not the table), the output layer whole (tied: the embedding matrix, in
+    the format the backend keeps it), and every cached key and value (the course's loop attends
+    over the whole pre-allocated cache, masked)."""
+    b = BACKENDS[checks.choice("backend", backend, BACKENDS)]
+    parts, head = shape.components(), b.head or b.rest
+    return {
+        f"attention + MLP linears ({b.linears})": (parts["attention"] + parts["mlp"])
+        * WEIGHT_BYTES[b.linears],
+        f"norms ({b.rest})": parts["norms"] * WEIGHT_BYTES[b.rest],
+        f"{batch} embedding row{'s' if batch > 1 else ''} ({b.rest})": batch
+        * shape.hidden
+        * WEIGHT_BYTES[b.rest],
+        f"lm_head ({head})": shape.vocab * shape.hidden * WEIGHT_BYTES[head],
+        f"KV cache ({b.rest})": kv_cache_bytes(shape, batch, context, VALUE_BYTES[b.rest]),
+    }
+
+
+def step_flops(shape: Shape, batch: int, context: int) -> float:
+    """FLOPs of one decode step: 2 per weight of every linear and the output layer per sequence,
+    plus attention's q·k and p·v over `context` positions (4 · heads · head_dim per position)."""
+    parts = shape.components()
+    weights = parts["attention"] + parts["mlp"] + shape.vocab * shape.hidden
+    attention = 4 * shape.layers * shape.heads * shape.head_dim * context
+    return batch * (2 * weights + attention)
+
+
+def weight_scales(model: torch.nn.Module) -> str:
+    """How the first quantized linear of `model` shares its weight scales, read from the layer
+    itself: 'per tensor', 'per channel', 'per group of N' ('' when no linear is quantized)."""
+    for m in model.modules():
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            qscheme = m.weight().qscheme()
+            tensor = qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric)
+            return f"{'per tensor' if tensor else 'per channel'} (qscheme {qscheme})"
+        if isinstance(m, Int8WeightOnlyLinear):
+            return "per channel"
+        if isinstance(m, Int4WeightOnlyLinear):
+            return f"per group of {m.group_size}"
+        weight = getattr(m, "weight", None)
+        block = getattr(weight, "block_size", None)  # torchao's quantized tensors
+        if block is not None:
+            rows, cols = weight.shape
+            if tuple(block) == (rows, cols):
+                return "per tensor"
+            return "per channel" if block[-1] == cols else f"per group of {block[-1]}"
+        state = getattr(weight, "quant_state", None)  # bitsandbytes 4-bit
+        if state is not None:
+            return f"per block of {state.blocksize}"
+        if hasattr(weight, "SCB"):  # bitsandbytes int8: one scale per row
+            return "per channel"
+    return ""
+
+
 # --- Measuring every backend, one model in memory at a time ----------------------------------
 
 
@@ -468,6 +573,7 @@ def measure_backends(
         if model is not None:
             shape = shape or Shape.of(model.config)
             row["kernel"] = kernel_path(model)
+            row["weight scales"] = weight_scales(model)
             row["weight_bytes"] = weight_bytes(model, include_buffers=True)
             row["predicted_bytes"] = sum(predicted_weight_bytes(shape, name).values())
             row["serialized_bytes"] = serialized_bytes(model)

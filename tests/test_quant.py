@@ -240,3 +240,81 @@ def test_int8_dynamic_is_skipped_on_cpus_without_int8_dot_products(monkeypatch):
     assert "VNNI" in backend.why_unsupported(torch.device("cpu"))
     monkeypatch.setattr(quant, "cpu_has_int8_dot_product", lambda: True)
     assert backend.why_unsupported(torch.device("cpu")) == quant._torchao(torch.device("cpu"))
+
+
+def test_a_decode_step_reads_one_embedding_row_per_sequence_and_the_whole_tied_head():
+    shape = shapes.Shape.of("smollm2-135m")  # tied embeddings: the head is the embedding matrix
+    parts = quant.step_bytes(shape, "bf16", batch=4, context=16)
+    assert parts["4 embedding rows (bf16)"] == 4 * 576 * 2
+    assert parts["lm_head (bf16)"] == 49152 * 576 * 2  # read whole, in the backend's format
+    assert parts["KV cache (bf16)"] == shapes.kv_cache_bytes(shape, 4, 16, 2)
+    linears = shape.components()["attention"] + shape.components()["mlp"]
+    assert parts["attention + MLP linears (bf16)"] == linears * 2
+    old = quant.step_bytes(shape, "torch.ao dynamic int8 (deprecated)", batch=1, context=16)
+    assert old["lm_head (int8)"] == 49152 * 576 and old["1 embedding row (fp32)"] == 576 * 4
+
+
+def test_step_flops_count_two_per_weight_and_attention_over_the_context():
+    shape = shapes.Shape.of(TINY)
+    parts = shape.components()
+    weights = parts["attention"] + parts["mlp"] + shape.vocab * shape.hidden
+    attention = 4 * shape.layers * shape.heads * shape.head_dim * 10
+    assert quant.step_flops(shape, batch=3, context=10) == 3 * (2 * weights + attention)
+
+
+def test_compute_formats():
+    formats = {n: b.compute_format for n, b in quant.BACKENDS.items()}
+    assert formats["fp32"] == "fp32" and formats["int8 weight-only (PyTorch op)"] == "bf16"
+    assert (
+        formats["int8 dynamic (torchao)"] == "int8" == formats["torch.ao dynamic int8 (deprecated)"]
+    )
+    assert formats["nf4 (bitsandbytes)"] == "fp16"
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")  # torch.ao's own
+def test_weight_scales_are_read_from_the_quantized_layers():
+    def load(dtype):
+        return models.llama_from_config(dtype=dtype, **TINY)
+
+    expected = {"int8 weight-only (PyTorch op)": "per channel",
+                "int4 weight-only (PyTorch op)": "per group of 64", "fp32": "",
+                "int8 weight-only (torchao)": "per channel"}  # fmt: skip
+    for name, scales in expected.items():
+        model, note = quant.load_backend(name, load, "cpu")
+        if model is not None:
+            assert quant.weight_scales(model) == scales
+    old = quant.weight_scales(quant.torch_ao_dynamic(load))
+    assert old.startswith("per tensor (qscheme torch.per_tensor")
+    channel = quant.weight_scales(quant.torch_ao_dynamic(load, per_channel=True))
+    assert channel.startswith("per channel (qscheme torch.per_channel")
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
+def test_torch_ao_linear_leaves_the_given_layer_alone():
+    linear = torch.nn.Linear(64, 32, bias=False).bfloat16()
+    layer = quant.torch_ao_dynamic_linear(linear)
+    assert linear.weight.dtype == torch.bfloat16
+    x = torch.randn(5, 64)
+    exact = x @ linear.weight.float().T
+    assert quant.relative_error(layer(x), exact) < 0.05
+
+
+def test_output_errors_known_answers():
+    w = torch.randn(16, 64)
+    x = torch.randn(32, 64)
+    x[:, 3] *= 50  # one outlier channel
+    products = {"exact": lambda z: z @ w.T, "doubled": lambda z: 2 * z @ w.T,
+                "activations per tensor": lambda z: quant.fake_quantize(
+                    z, bits=4, granularity="tensor") @ w.T}  # fmt: skip
+    table = quant.output_errors(products, lambda z: z @ w.T, x, draws=5)
+    assert table.loc["exact", "real activations"] == 0
+    assert table.loc["doubled", "real activations"] == pytest.approx(1.0)
+    assert table.loc["doubled", "Gaussian inputs"] == pytest.approx(1.0)
+    row = table.loc["activations per tensor"]  # the outlier stretches the one scale
+    assert row["real activations"] > row["Gaussian q3"] and row["real ÷ Gaussian"] > 1
+    assert (table["Gaussian q1"] <= table["Gaussian inputs"]).all()
+
+
+def test_outlier_ratios_carry_int8_errors_per_tensor_and_channel():
+    ratios = quant.outlier_ratios(models.llama_from_config(**TINY))
+    assert (ratios["int8 error, per channel"] <= ratios["int8 error, per tensor"]).all()
