@@ -98,17 +98,6 @@ def _check_llama(model) -> None:
         )
 
 
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """The Llama RMSNorm `norm` applied to `x` as one fused operation instead of the module's
-    seven (upcast, square, mean, add ε, rsqrt, scale, downcast): the same values, bit for bit.
-    In 16 bits the normalisation runs in fp32 and the weight multiplies after the downcast, as
-    the module does."""
-    shape, eps = norm.weight.shape, norm.variance_epsilon
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, shape, norm.weight, eps)
-    return norm.weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
-
-
 def rotary_tables(cos: torch.Tensor, sin: torch.Tensor):
     """(cos, signed sin) broadcast over heads, made once per step for every layer's `rotate`:
     rotate_half(x) · sin = roll(x, half) · [−sin₁, sin₂], so the rotation is four operations."""
@@ -129,7 +118,7 @@ def layers(model, hidden, cos, sin, head_dim, attend) -> torch.Tensor:
     cos, signed_sin = rotary_tables(cos, sin)
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        x = rms_norm(layer.input_layernorm, hidden)
+        x = layer.input_layernorm(hidden)
         # (batch, length, heads · head_dim) → (batch, heads, length, head_dim)
         q = attn.q_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
@@ -137,7 +126,7 @@ def layers(model, hidden, cos, sin, head_dim, attend) -> torch.Tensor:
         q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
         o = attend(i, q, k, v, attn.scaling)
         hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-        x = rms_norm(layer.post_attention_layernorm, hidden)
+        x = layer.post_attention_layernorm(hidden)
         hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     return hidden
 
@@ -163,7 +152,7 @@ def forward(
         )  # fmt: skip
 
     hidden = layers(model, hidden, cos, sin, cache.head_dim, attend)
-    return model.lm_head(rms_norm(body.norm, hidden if all_logits else hidden[:, -1:]))
+    return model.lm_head(body.norm(hidden if all_logits else hidden[:, -1:]))
 
 
 def prefill(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -191,7 +180,7 @@ def decode_one_token(model, token: torch.Tensor, cache: KVCache, pos: torch.Tens
         )
 
     hidden = layers(model, hidden, cos, sin, cache.head_dim, attend)
-    return model.lm_head(rms_norm(body.norm, hidden))[:, -1].argmax(-1, keepdim=True)
+    return model.lm_head(body.norm(hidden))[:, -1].argmax(-1, keepdim=True)
 
 
 class CompileFallbackWarning(UserWarning):
@@ -227,6 +216,9 @@ _compiled_decode_one_token = None
 def _compiled_step(model, cache: KVCache):
     global _compiled_decode_one_token
     if _compiled_decode_one_token is None:  # one compiled function per process: it recompiles
+        import torch._inductor.config as inductor  # noqa: PLC0415 (only when compiling)
+
+        inductor.compile_threads = 1  # in this process: a pool of compiler workers holds more RAM
         _compiled_decode_one_token = torch.compile(decode_one_token, dynamic=False)  # per shape
     return lambda token, pos: _compiled_decode_one_token(model, token, cache, pos)
 
@@ -371,11 +363,15 @@ def sweep(
 
 
 @torch.inference_mode()
-def generate_timing(model, input_ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict:
+def generate_timing(
+    model, input_ids: torch.Tensor, new_tokens: int, repeats: int = 3, cache: str | None = None
+) -> dict:
     """TTFT and TPOT of Hugging Face `generate`, for comparison with `greedy_decode`.
 
     `generate` gives only the total time, so we time 1 token (≈ TTFT) and `new_tokens` tokens
     and take TPOT as the difference per extra token. EOS is suppressed so lengths are exact.
+    `cache="static"` asks `generate` for its pre-allocated cache (`cache_implementation`), the
+    same idea as the course's loop; None keeps its default, a cache that grows.
     """
     new_tokens = checks.whole("new_tokens", new_tokens, minimum=2)  # TPOT is a difference
     repeats = checks.whole("repeats", repeats)
@@ -384,6 +380,7 @@ def generate_timing(model, input_ids: torch.Tensor, new_tokens: int, repeats: in
         do_sample=False,
         attention_mask=torch.ones_like(input_ids),
         pad_token_id=model.generation_config.pad_token_id,
+        **({"cache_implementation": cache} if cache else {}),
     )
 
     def total(n: int) -> float:

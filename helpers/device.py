@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from helpers import checks
+from helpers.shapes import format_bytes
 
 DEVICE_ENV = "COURSE_DEVICE"
 PRESET_ENV = "COURSE_PRESET"
@@ -201,6 +202,7 @@ def describe(device: torch.device | None = None) -> dict[str, str]:
         "torch threads": str(torch.get_num_threads()),
         "cpu vector ISA (torch)": torch.backends.cpu.get_cpu_capability(),
         "RAM (GiB)": f"{psutil.virtual_memory().total / 2**30:.1f}",
+        "caches": ", ".join(f"{k} {format_bytes(v)}" for k, v in cache_sizes(device).items()),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

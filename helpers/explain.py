@@ -55,8 +55,13 @@ def decode_gap(m: Mapping[str, float]) -> str:
     parts = (
         f" Of the {(loop - floor) * ms:.1f} ms above the floor, {kernel * ms:.1f} ms is the weight "
         f"products themselves reading at {achieved:.1f} GB/s instead of "
-        f"{m['weight_bytes'] / floor / 1e9:.1f}, and {around * ms:.1f} ms is everything around "
-        f"them (the overhead probe predicts {m['overhead_s'] * ms:.1f} ms of that)."
+        f"{m['weight_bytes'] / floor / 1e9:.1f}, and "
+        + (
+            f"{around * ms:.1f} ms is everything around them"
+            if around > 0
+            else "the loop took no longer than the products alone (timed apart, so noise decides)"
+        )
+        + f" (the overhead probe predicts {m['overhead_s'] * ms:.1f} ms for the work around them)."
     )
     bigger = "the matrix-vector kernel" if kernel > around else "the work around the products"
     parts += f" The larger share is **{bigger}**; the profile below splits it by operation."

@@ -16,7 +16,10 @@ between operations).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
 import time
 from collections.abc import Callable
 
@@ -30,6 +33,7 @@ from helpers.decode import KVCache, decode_one_token
 from helpers.memory import weight_bytes
 from helpers.shapes import Shape
 
+CPU = ProfilerActivity.CPU
 MATMULS = "weight matmuls"
 ATTENTION = "attention"
 ELEMENTWISE = "norms, rotary, elementwise"
@@ -80,8 +84,7 @@ def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory
         fn()
         synchronize(device)
         plain.append(time.perf_counter() - start)
-    activities = [ProfilerActivity.CPU]
-    with profile(activities=activities, profile_memory=memory) as prof:
+    with _quiet_native_stderr(), profile(activities=[CPU], profile_memory=memory) as prof:
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -102,6 +105,21 @@ def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory
     table = table.sort_values("self_s", ascending=False, ignore_index=True)
     table.attrs.update(profiled_s=profiled_s, wall_s=float(np.median(plain)))
     return table
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """The profiler's C++ side prints a line to file descriptor 2 when it starts and stops
+    (torch 2.13's kineto); nothing a learner can act on, so it goes to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def breakdown(ops: pd.DataFrame) -> pd.DataFrame:

@@ -167,13 +167,10 @@ def test_sweep_records_every_point_and_survives_out_of_memory(tiny_llama, monkey
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_norm_and_rotation_equal_transformers_bit_for_bit(tiny_llama, dtype):
+def test_the_rotation_equals_transformers_bit_for_bit(tiny_llama, dtype):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    layer = tiny_llama.model.layers[0]
-    norm = layer.input_layernorm.to(dtype)
-    x = torch.randn(3, 5, 64).to(dtype) * 3
-    assert torch.equal(decode.rms_norm(norm, x), norm(x))
+    x = torch.randn(3, 5, 64).to(dtype)
     q, k = torch.randn(3, 4, 5, 16).to(dtype), torch.randn(3, 2, 5, 16).to(dtype)
     cos, sin = tiny_llama.model.rotary_emb(x, torch.arange(5).unsqueeze(0).expand(3, 5))
     cos, sin = cos.to(dtype), sin.to(dtype)
@@ -181,4 +178,3 @@ def test_fused_norm_and_rotation_equal_transformers_bit_for_bit(tiny_llama, dtyp
     expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
     assert torch.equal(decode.rotate(q, *tables), expected_q)
     assert torch.equal(decode.rotate(k, *tables), expected_k)
-    layer.input_layernorm.to(torch.float32)
