@@ -440,7 +440,22 @@ def search_frontier(
     finally:
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return pd.DataFrame(rows)
+    limit = "a hard cap on this process (real out-of-memory errors)" if device.type == "cuda" else (
+        "a budget: this process's resident memory is not capped, so a trial fails when its "
+        "measured peak exceeds the budget"
+    )  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame.attrs["limit"] = limit
+    return frame
+
+
+def minor_faults(fn: Callable[[], object]) -> int | None:
+    """Pages the OS mapped in for this process while `fn()` ran (minor page faults: first
+    touches of fresh memory, each zeroed by the kernel); None where getrusage cannot say."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return after - before if sys.platform.startswith("linux") else None
 
 
 # --- The allocator's timeline and copies beside compute (GPU) -------------------------------
@@ -518,3 +533,71 @@ def bandwidth_at(transfers: pd.DataFrame, ceiling: str, size: int):
         return float("nan"), None
     best = hit.iloc[0]
     return best["value"] / 1e9, (best["low"] / 1e9, best["high"] / 1e9)
+
+
+# --- What is live at the peak, by the operation that allocated it ----------------------------
+
+
+@dataclass
+class AllocationPeak:
+    """`live_at_peak`'s answer: the peak of bytes allocated through PyTorch's allocator while a
+    function ran (kernels' internal buffers included), what was live then by operation, and
+    the name of every operation that ran (e.g. to see which attention kernel was chosen)."""
+
+    peak_bytes: int
+    by_op: pd.DataFrame  # op, tensors, bytes: live at the peak, by the op that allocated them
+    ops: frozenset[str]
+
+
+def _top_op(event) -> str:
+    """The outermost ATen operation around a profiler event: the call the Python code made."""
+    name = "(outside any op)"
+    while event is not None:
+        if event.name.startswith("aten::"):
+            name = event.name
+        event = event.parent
+    return name
+
+
+def _walk(events):
+    for event in events:
+        yield event
+        yield from _walk(event.children)
+
+
+def live_at_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -> AllocationPeak:
+    """Run `fn()` under `torch.profiler` (profile_memory=True) and replay its allocations and
+    frees in order: the peak of bytes live (only blocks allocated inside `fn` count) and, at that
+    moment, which operations had allocated them. Unlike `LiveTensorBytes`, it sees buffers a
+    kernel allocates internally; like it, nothing the C allocator or a library (MKL, oneDNN)
+    holds outside PyTorch's allocator. Only `device`'s allocations count."""
+    from torch._C._profiler import _EventType  # the profiler's event tree (torch ≥ 2.1)
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    roots = prof.profiler.kineto_results.experimental_event_tree()
+    events = list(_walk(roots))
+    allocations = sorted(
+        (e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size, _top_op(e.parent))
+        for e in events
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == as_device(device).type
+    )
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for _, ptr, size, op in allocations:
+        if size > 0:
+            live[ptr] = (size, op)
+            total += size
+        elif ptr in live:
+            total -= live.pop(ptr)[0]
+        if total > peak:
+            peak, at_peak = total, dict(live)
+    rows = pd.DataFrame(list(at_peak.values()), columns=["bytes", "op"])
+    by_op = (
+        rows.groupby("op").bytes.agg(tensors="count", bytes="sum").reset_index()
+        .sort_values("bytes", ascending=False, ignore_index=True)
+    )  # fmt: skip
+    ops = frozenset(e.name for e in events if e.tag == _EventType.TorchOp)
+    return AllocationPeak(peak, by_op, ops)

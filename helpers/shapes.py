@@ -145,19 +145,34 @@ def logits_bytes(shape: Shape, batch: int, positions: int, bytes_per_value: floa
 
 
 def activation_bytes(
-    shape: Shape, batch: int, tokens: int, bytes_per_value: float, tp: int = 1
+    shape: Shape,
+    batch: int,
+    tokens: int,
+    bytes_per_value: float,
+    tp: int = 1,
+    scores_materialized: bool = False,
 ) -> int:
-    """Estimated peak of the temporaries inside one layer while `tokens` per sequence flow through.
+    """Peak of the temporaries live inside one layer while `tokens` per sequence flow through.
 
-    The widest point is the MLP: the residual stream and its normed copy (2 · hidden) live
-    beside the gate, up and their product (3 · intermediate). Layers run one after another, so
-    this does not grow with depth. Tensor parallelism splits the MLP's width over `tp` devices.
-    An estimate, checked against measurement in notebook 02.
+    Per token, at the widest moment (the MLP's product): the embeddings (the caller still holds
+    them) and the residual stream, the normed input (3 · hidden, whole on every device); queries,
+    keys and values after rotary and the attention output (2 · hidden + 2 · kv_heads · head_dim);
+    the MLP's activated gate, up and their product (3 · intermediate). Per position, shared by
+    the batch: the rotary tables cos, sin and signed sin (3 · head_dim). An attention kernel that
+    materializes its scores (PyTorch's math path, not a fused flash kernel) adds a score matrix
+    and its softmax, 2 · heads · tokens per token, while the layer's previous output is still
+    bound. Layers run one after another, so this does not grow with depth; tensor parallelism
+    splits heads and the MLP's width over `tp` devices. Derived and measured in notebook 02.
     """
     _sizes(shape, batch, tokens, bytes_per_value, "tokens")
     tp = checks.whole("tp", tp)
-    width = 2 * shape.hidden + 3 * shape.intermediate // tp
-    return int(batch * tokens * width * bytes_per_value)
+    h, kv = shape.hidden, 2 * shape.kv_heads * shape.head_dim
+    held = 3 * h + (2 * h + kv) // tp  # embeddings, residual, normed; q, k, v, attention out
+    mlp = held + 3 * shape.intermediate // tp
+    scores = 2 * shape.heads // tp * tokens if scores_materialized else 0
+    attention = held + h // tp + scores
+    rotary = 3 * shape.head_dim
+    return int((batch * tokens * max(mlp, attention) + tokens * rotary) * bytes_per_value)
 
 
 def check_tp_degree(tp: int, *, heads: int, kv_heads: int, intermediate: int) -> int:

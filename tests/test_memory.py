@@ -243,3 +243,44 @@ def test_tensor_bytes_of_a_dtensor_is_its_local_shard(tmp_path):
         assert memory.tensor_bytes(sharded) == 8 * 4 * 4  # one rank holds it all
     finally:
         dist.destroy_process_group()
+
+
+def test_live_at_peak_sees_what_is_live_by_op():
+    def run():
+        keep = torch.ones(2**18)  # 1 MiB, live to the end
+        temp = torch.zeros(2**19)  # 2 MiB, freed before the next allocation
+        del temp
+        other = torch.ones(2**17) * 2  # 0.5 MiB (ones) freed; the product (mul) stays
+        return keep, other
+
+    peak = memory.live_at_peak(run)
+    assert peak.peak_bytes == 3 * 2**20  # keep + temp
+    live = dict(zip(peak.by_op.op, peak.by_op.bytes, strict=True))
+    assert live == {"aten::ones": 2**20, "aten::zeros": 2 * 2**20}
+    assert "aten::mul" in peak.ops
+
+
+def test_minor_faults_counts_fresh_pages():
+    faults = memory.minor_faults(lambda: torch.ones(64 * 2**20 // 4))  # 64 MiB: a fresh mapping
+    assert faults is None or faults >= 64 * 2**20 / (2 * 2**20)  # ≥ 1 per page, 4 KiB or 2 MiB
+
+
+def test_search_frontier_says_what_it_searched_on_a_cpu():
+    frame = memory.search_frontier(lambda b, c: None, lambda b, c: b * c, [4], 64)
+    assert frame.attrs["limit"].startswith("a budget")
+
+
+def test_check_accepts_a_stated_unit(capsys):
+    from helpers.exercises import check
+
+    assert check("q", 4.0, 4.0)  # backward compatible: no unit
+    assert check("q", 4.294967296, 4.0, unit="GB", expected_unit="GiB")  # 4 GiB in GB
+    assert check("q", 4.0, 4.0, unit="GiB", expected_unit="GiB")
+    assert not check("q", 4.0, 4.0, unit="GB", expected_unit="GiB")  # the number in the wrong unit
+    assert check("batch", 33, {"GB": 30, "GiB": 33}, rtol=0, unit="GiB")
+    assert not check("batch", 33, {"GB": 30, "GiB": 33}, rtol=0, unit="GB")
+    with pytest.raises(ValueError, match="state the unit"):
+        check("batch", 30, {"GB": 30, "GiB": 33}, rtol=0)
+    with pytest.raises(ValueError, match="unknown unit"):
+        check("q", 1.0, 1.0, unit="gigs", expected_unit="GiB")
+    assert "expected about 4.295 GB" in capsys.readouterr().out
