@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pandas as pd
 import torch
+
+from helpers import BUILD_DIR
 
 
 def quartiles(samples: list[float]) -> tuple[float, float, float]:
@@ -130,3 +135,17 @@ def _cuda_event_samples(fn, repeats: int, device: torch.device) -> list[float]:
         end.record()
     torch.cuda.synchronize(device)
     return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)]
+
+
+def save_measured(name: str, rows, folder: Path | None = None) -> Path:
+    """Write this run's measurements (a DataFrame, or a list of dicts) to
+    build/measured/<name>.csv, whole or not at all (a temporary file, then a rename), so an
+    interrupted run never leaves half a file. Copy it to data/measured/ with its provenance
+    columns to share a machine's numbers with the course."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    path = Path(folder or BUILD_DIR / "measured") / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".csv.partial")
+    frame.to_csv(partial, index=False)
+    os.replace(partial, path)
+    return path

@@ -168,6 +168,10 @@ def streamed_size(device, at_least: int, buffers: int = 1) -> tuple[int, bool]:
     return int(each), each * buffers >= need
 
 
+# CPU flags (as /proc/cpuinfo names them) for 16-bit and int8 matrix arithmetic
+MATRIX_FLAGS = ("avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
 def cpu_has_int8_dot_product() -> bool:
     """AVX512-VNNI, AVX-VNNI or AMX: what CPU int8 matmul kernels (torch._int_mm) rely on."""
     return any(_cpu_has(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
@@ -201,6 +205,7 @@ def describe(device: torch.device | None = None) -> dict[str, str]:
         "cpu cores (logical)": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         "cpu vector ISA (torch)": torch.backends.cpu.get_cpu_capability(),
+        "cpu matrix extensions": ", ".join(f for f in MATRIX_FLAGS if _cpu_has(f)) or "none",
         "RAM (GiB)": f"{psutil.virtual_memory().total / 2**30:.1f}",
         "caches": ", ".join(f"{k} {format_bytes(v)}" for k, v in cache_sizes(device).items()),
         "python": platform.python_version(),

@@ -65,18 +65,19 @@ def decode_gap(m: Mapping[str, float]) -> str:
     )
     bigger = "the matrix-vector kernel" if kernel > around else "the work around the products"
     parts += f" The larger share is **{bigger}**; the profile below splits it by operation."
-    return head + parts + " " + versus_generate(loop, m["generate_s"])
+    return head + parts + " " + versus_generate(loop, m["generate_s"], m.get("generate_how", ""))
 
 
-def versus_generate(loop_s: float, generate_s: float) -> str:
+def versus_generate(loop_s: float, generate_s: float, how: str = "") -> str:
+    name = f"`generate`{f' ({how})' if how else ''}"
     if generate_s != generate_s:  # NaN: not measured on that run
-        return "`generate` was not timed on this run."
+        return f"{name} was not timed on this run."
     ratio = generate_s / loop_s
     if abs(ratio - 1) <= SAME:
-        how = f"the same time within {SAME:.0%}"
+        verdict = f"the same time within {SAME:.0%}"
     else:
-        how = f"{ratio:.2f}× the loop's time: it is {'slower' if ratio > 1 else 'faster'}"
-    return f"`generate` takes {how} per token."
+        verdict = f"{ratio:.2f}× the loop's time: it is {'slower' if ratio > 1 else 'faster'}"
+    return f"{name} takes {verdict} per token."
 
 
 def biggest_miss(parts) -> str:

@@ -71,7 +71,8 @@ def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory
     """`fn()` profiled `repeats` times: one row per operation name, per call of `fn`.
 
     Columns: op, category, calls, top_calls (called from Python, not from another op), self_s
-    (time inside the op, its children excluded), self_bytes (bytes it allocated, if `memory`).
+    (host time inside the op, its children excluded), device_s (on a CUDA device: the GPU time
+    of its kernels; 0 elsewhere), self_bytes (bytes it allocated, if `memory`).
     attrs: profiled_s (wall time of one call under the profiler), wall_s (median wall time of
     one call without it: the profiler's own cost is their difference)."""
     if not callable(fn):
@@ -84,7 +85,9 @@ def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory
         fn()
         synchronize(device)
         plain.append(time.perf_counter() - start)
-    with _quiet_native_stderr(), profile(activities=[CPU], profile_memory=memory) as prof:
+    on_gpu = torch.device(device or "cpu").type == "cuda"
+    activities = [CPU, ProfilerActivity.CUDA] if on_gpu else [CPU]
+    with _quiet_native_stderr(), profile(activities=activities, profile_memory=memory) as prof:
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -92,15 +95,17 @@ def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory
         profiled_s = (time.perf_counter() - start) / repeats
     rows: dict[str, dict] = {}
     for event in prof.events():
-        row = rows.setdefault(event.name, {"op": event.name, "calls": 0, "top_calls": 0,
-                                           "self_s": 0.0, "self_bytes": 0})  # fmt: skip
+        empty = {"op": event.name, "calls": 0, "top_calls": 0, "self_s": 0.0, "device_s": 0.0,
+                 "self_bytes": 0}  # fmt: skip
+        row = rows.setdefault(event.name, empty)
         row["calls"] += 1
+        row["device_s"] += getattr(event, "self_device_time_total", 0) * 1e-6
         row["top_calls"] += event.cpu_parent is None
         row["self_s"] += event.self_cpu_time_total * 1e-6
         row["self_bytes"] += max(event.self_cpu_memory_usage, 0)
-    table = pd.DataFrame(list(rows.values()), columns=["op", "calls", "top_calls", "self_s",
-                                                       "self_bytes"])  # fmt: skip
-    table[["calls", "top_calls", "self_s", "self_bytes"]] /= repeats
+    numbers = ["calls", "top_calls", "self_s", "device_s", "self_bytes"]
+    table = pd.DataFrame(list(rows.values()), columns=["op", *numbers])
+    table[numbers] /= repeats
     table.insert(1, "category", table.op.map(category))
     table = table.sort_values("self_s", ascending=False, ignore_index=True)
     table.attrs.update(profiled_s=profiled_s, wall_s=float(np.median(plain)))
@@ -124,15 +129,17 @@ def _quiet_native_stderr():
 
 def breakdown(ops: pd.DataFrame) -> pd.DataFrame:
     """Seconds per category for one call (`op_table`'s rows); `PYTHON` is the profiled wall time
-    minus every operation's own time. The rows add up to `ops.attrs['profiled_s']`."""
+    minus every operation's own time. The rows add up to `ops.attrs['profiled_s']`. On a GPU
+    `device_s` is each category's kernel time (it overlaps the host time, it does not add to it)."""
     if "profiled_s" not in ops.attrs:
         raise ValueError(
             "breakdown needs the table op_table returns (its attrs hold the wall time)"
         )
-    grouped = ops.groupby("category")[["self_s", "calls"]].sum()
+    columns = ["self_s", "calls", "device_s"] if "device_s" in ops else ["self_s", "calls"]
+    grouped = ops.groupby("category")[columns].sum()
     grouped = grouped.reindex(CATEGORIES, fill_value=0.0)
     between = ops.attrs["profiled_s"] - ops.self_s.sum()
-    grouped.loc[PYTHON] = [between, ops.top_calls.sum()]
+    grouped.loc[PYTHON] = [between, ops.top_calls.sum(), 0.0][: len(columns)]
     out = grouped.rename(columns={"self_s": "measured_s"}).rename_axis("category").reset_index()
     out["share"] = out.measured_s / ops.attrs["profiled_s"]
     return out
