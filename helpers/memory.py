@@ -379,13 +379,16 @@ def peak_and_time(
 ) -> pd.DataFrame:
     """For each named function: its time (median and quartiles of `repeats` after a warm-up,
     `bench.measure`; the `Timing` itself in column `timing`) and the peak of live tensor bytes
-    one run adds (`peak_added_bytes(..., tensors=True)`: exact on a CPU too)."""
+    one run adds (`peak_added_bytes(..., tensors=True)`: exact on a CPU too); `faults`: the
+    minor page faults per run while it was timed (fresh pages the OS mapped in and zeroed)."""
     device = as_device(device)
     rows = []
     for name, fn in runs.items():
         peak = peak_added_bytes(fn, device, tensors=True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         timing = measure(fn, name=name, warmup=1, repeats=repeats, device=device)
-        rows.append({**timing.row(), "timing": timing, "peak_bytes": peak})
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (repeats + 1)
+        rows.append({**timing.row(), "timing": timing, "peak_bytes": peak, "faults": faults})
     return pd.DataFrame(rows).set_index("name")
 
 

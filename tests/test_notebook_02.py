@@ -49,7 +49,8 @@ def test_serving_sum_equals_the_helper(name, precision):
 def test_llama_2_7b_serving_sum_known_answer():
     parts = nb.serving_bytes(shapes.Shape.of("llama-2-7b"), 1, 4096, 2, 2)
     assert parts["weights"] == 6_738_415_616 * 2  # 13.48 GB in fp16
-    assert parts["activations"] == 4096 * (2 * 4096 + 3 * 11008) * 2
+    # per token 5·4096 + 2·32·128 + 3·11008 = 61,696; per position 3·128 rotary values
+    assert parts["activations"] == (4096 * 61_696 + 4096 * 384) * 2
     assert parts["logits"] == 32000 * 2  # the last position's scores only
 
 
@@ -63,6 +64,37 @@ def test_calculator_counts_weights_as_the_planner(precision):
     others = RUNTIME_RESERVE_BYTES + shapes.kv_cache_bytes(llama, 1, 4096, value)
     others += shapes.activation_bytes(llama, 1, 4095, value)
     assert parts["weights"] == pytest.approx(p.memory_per_gpu_bytes - others, abs=1)
+
+
+def test_activations_known_answers():
+    """The derived live tensors of one layer, counted by hand for SmolLM2 (hidden 576, MLP 1536,
+    3 KV heads of 64, 9 heads): what notebook 02 measured op by op (7,872 values per token)."""
+    smollm2 = shapes.Shape.of("smollm2-135m")
+    per_token = 2 * 576 + 576 + 576 + 2 * 3 * 64 + 576 + 3 * 1536  # = 7,872
+    assert per_token == 7872
+    assert nb.layer_peak_bytes(smollm2, 1, 512, 4) == (512 * 7872 + 512 * 3 * 64) * 4
+    assert nb.layer_peak_bytes(smollm2, 2, 32, 2) == (2 * 32 * 7872 + 32 * 192) * 2
+    # a materialized score matrix (heads, T, T) and its softmax: 2·9·T per token beside
+    # the attention-time tensors (5·576 + 384 + 576 = 3,840); it passes the MLP's 7,872 at T = 224
+    assert nb.layer_peak_bytes(smollm2, 1, 224, 4, True) == nb.layer_peak_bytes(smollm2, 1, 224, 4)
+    with_scores = (512 * (3840 + 18 * 512) + 512 * 192) * 4
+    assert nb.layer_peak_bytes(smollm2, 1, 512, 4, True) == with_scores
+    for scores in (False, True):  # the helper (planner, calculator) counts the same at TP 1
+        expected = nb.layer_peak_bytes(smollm2, 1, 512, 4, scores)
+        assert shapes.activation_bytes(smollm2, 1, 512, 4, 1, scores) == expected
+    # TP 3 splits heads and MLP: 3·576 + (2·576 + 384)/3 + 1536 = 3,776 per token
+    assert shapes.activation_bytes(smollm2, 1, 10, 2, tp=3) == (10 * 3776 + 10 * 192) * 2
+
+
+def test_request_peak_known_answers():
+    """After the last layer: the residual, then norm and scores at the kept positions."""
+    smollm2 = shapes.Shape.of("smollm2-135m")
+    end = nb.logits_peak_bytes(smollm2, 2, 512, 4, 512)
+    assert end == (2 * (512 * 576 + 512 * (576 + 49152)) + 2 * 512 * 64) * 4
+    kv = 2 * 30 * 2 * 514 * 3 * 64 * 4
+    assert nb.request_peak_bytes(smollm2, 2, 512, 4, 512, 2) == kv + end  # every logit: the end
+    layer = nb.layer_peak_bytes(smollm2, 2, 512, 4)
+    assert nb.request_peak_bytes(smollm2, 2, 512, 4, 1, 2) == kv + layer  # last only: a layer
 
 
 def test_generate_scores_only_the_last_prompt_position(tiny_llama):
