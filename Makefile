@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP) model
 
 model: $(STAMP)
-	$(PY) -m helpers.models prepare
+	COURSE_QUIET=1 $(PY) -m helpers.models prepare
 
 run: setup
 	$(PY) tools/run_notebooks.py
