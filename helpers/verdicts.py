@@ -16,8 +16,9 @@ it, threshold included, so no verdict is a fixed string. `table(rows)` shows eve
 from __future__ import annotations
 
 import html
+import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import pandas as pd
@@ -42,6 +43,8 @@ class Decision(NamedTuple):
 
 def _g(x: float) -> str:
     """Three significant figures, without scientific notation for the numbers tables show."""
+    if x is None:
+        return "(not measured)"
     if x != x or abs(x) >= 1e7 or (x != 0 and abs(x) < 1e-4):
         return f"{x:.3g}"
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
@@ -50,6 +53,49 @@ def _g(x: float) -> str:
 def _missing(*values: float | None) -> bool:
     """None or NaN (of any float type: NaN is the one value unequal to itself)."""
     return any(v is None or v != v for v in values)
+
+
+def _number(name: str, value) -> float | None:
+    """`value` as a float, None for a missing one (None or NaN); a string, a bool, a list or
+    inf is refused: a verdict is never made of something that is not a measurement."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes | bool) or not hasattr(type(value), "__float__"):
+        raise TypeError(f"{name} must be a number (or None when not measured), got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):  # e.g. an array of several values
+        raise TypeError(f"{name} must be one number, got {value!r}: pass a single value") from None
+    if math.isinf(value):
+        raise ValueError(
+            f"{name} is {value}: a measurement is finite (a division by zero upstream?)"
+        )
+    return None if value != value else value
+
+
+def _spread(name: str, spread) -> tuple[float, float] | None:
+    """A (low, high) pair of numbers, None if absent; NaN inside it counts as not measured."""
+    if spread is None:
+        return None
+    if isinstance(spread, str | bytes | Mapping) or not hasattr(spread, "__len__"):
+        raise TypeError(f"{name} must be a (low, high) pair such as (q1, q3), got {spread!r}")
+    if len(spread) != 2:
+        raise ValueError(f"{name} must be a (low, high) pair such as (q1, q3), got {spread!r}")
+    lo, hi = (_number(name, v) for v in spread)
+    if lo is None or hi is None:
+        return (math.nan, math.nan)
+    if lo > hi:
+        raise ValueError(
+            f"{name} is ({_g(lo)}, {_g(hi)}), high before low: pass (low, high), e.g. (q1, q3)"
+        )
+    return lo, hi
+
+
+def _tolerance(rel_tol) -> float:
+    value = _number("rel_tol", rel_tol)
+    if value is None or value < 0:
+        raise ValueError(f"rel_tol must be a fraction ≥ 0 such as 0.05, got {rel_tol!r}")
+    return value
 
 
 def compare(
@@ -70,7 +116,14 @@ def compare(
     """
     if claim not in ("lower", "higher"):
         raise ValueError(f"claim must be 'lower' or 'higher', got {claim!r}")
+    a, b = _number("a", a), _number("b", b)
+    spread_a, spread_b = _spread("spread_a", spread_a), _spread("spread_b", spread_b)
+    rel_tol = _tolerance(rel_tol)
     sign = "<" if claim == "lower" else ">"
+    if _missing(a, b, *(spread_a or ()), *(spread_b or ())):
+        return Decision(
+            NOT_MEASURED, f"{name_a} {sign} {name_b} (a number or its spread is missing)"
+        )
     if spread_a is None and spread_b is None:
         rule = (
             f"{name_a} {sign} {name_b} by more than {rel_tol:.0%} "
@@ -85,8 +138,6 @@ def compare(
             f"[{_g(lo_b)}, {_g(hi_b)}] apart (if they overlap: within noise)"
         )
         noisy = lo_a <= hi_b and lo_b <= hi_a
-    if _missing(a, b):
-        return Decision(NOT_MEASURED, rule)
     if noisy:
         return Decision(NOISE, rule)
     return Decision(HOLDS if (a < b) == (claim == "lower") else FAILS, rule)
@@ -94,6 +145,7 @@ def compare(
 
 def at_most(name: str, value: float, limit: float, unit: str = "") -> Decision:
     """Does `value` stay at or below `limit`?"""
+    value, limit = _number("value", value), _number("limit", limit)
     rule = f"{name} ≤ {_g(limit)}{' ' + unit if unit else ''}"
     if _missing(value, limit):
         return Decision(NOT_MEASURED, rule)
@@ -102,6 +154,7 @@ def at_most(name: str, value: float, limit: float, unit: str = "") -> Decision:
 
 def at_least(name: str, value: float, limit: float, unit: str = "") -> Decision:
     """Does `value` reach at least `limit`?"""
+    value, limit = _number("value", value), _number("limit", limit)
     rule = f"{name} ≥ {_g(limit)}{' ' + unit if unit else ''}"
     if _missing(value, limit):
         return Decision(NOT_MEASURED, rule)
@@ -109,10 +162,18 @@ def at_least(name: str, value: float, limit: float, unit: str = "") -> Decision:
 
 
 def close_to(name: str, value: float, target: float, rel_tol: float) -> Decision:
-    """Is `value` within `rel_tol` of `target` (a prediction checked against a measurement)?"""
+    """Is `value` within `rel_tol` of `target` (a prediction checked against a measurement)?
+
+    A target of 0 has no ratio: only 0 itself is within a relative tolerance of it."""
+    value, target, rel_tol = _number("value", value), _number("target", target), _tolerance(rel_tol)
+    if target is None:
+        return Decision(NOT_MEASURED, f"{name} within {rel_tol:.0%} of a target not measured")
+    if target == 0:
+        rule = f"{name} within {rel_tol:.0%} of 0 (a target of 0 has no ratio: only 0 is within it)"
+        return Decision(NOT_MEASURED if value is None else HOLDS if value == 0 else FAILS, rule)
     band = f"[{1 - rel_tol:.2f}, {1 + rel_tol:.2f}]"
     rule = f"{name} within {rel_tol:.0%} of {_g(target)} (its ratio to it in {band})"
-    if _missing(value, target) or target == 0:
+    if value is None:
         return Decision(NOT_MEASURED, rule)
     return Decision(HOLDS if abs(value / target - 1) <= rel_tol else FAILS, rule)
 
@@ -122,12 +183,20 @@ def monotonic(
 ) -> Decision:
     """Does `values` fall (or rise) at every step? A step the other way smaller than `rel_tol`
     of the previous value is tolerated; a total change below `rel_tol` is "within noise"."""
+    if isinstance(values, Mapping):
+        raise TypeError(
+            f"values is a {type(values).__name__} (monotonic would judge its keys): pass the "
+            "values in order, e.g. [d[k] for k in sorted(d)]"
+        )
+    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        raise TypeError(f"values must be a sequence of numbers, got {values!r}")
+    rel_tol = _tolerance(rel_tol)
     way = "falls" if decreasing else "rises"
     rule = (
         f"{name} {way} at every step (a step back under {rel_tol:.0%} tolerated; "
         f"a total change under {rel_tol:.0%} is within noise)"
     )
-    values = list(values)
+    values = [_number(f"values[{i}]", v) for i, v in enumerate(values)]
     if len(values) < 2 or _missing(*values):
         return Decision(NOT_MEASURED, rule)
     sign = -1 if decreasing else 1
@@ -141,6 +210,19 @@ def monotonic(
     return Decision(FAILS if backwards or sign * (last - first) < 0 else HOLDS, rule)
 
 
+def _decision(decision) -> tuple[str, str]:
+    """(verdict, rule) of a `Decision` or a 2-tuple of strings; anything else is named."""
+    if (
+        isinstance(decision, tuple)
+        and len(decision) == 2
+        and all(isinstance(x, str) for x in decision)
+    ):
+        return decision[0], decision[1]
+    raise TypeError(
+        f"decision must be a verdicts.Decision (from compare, at_most, …), got {decision!r}"
+    )
+
+
 def say(decision: Decision | tuple[str, str], **texts: str) -> str:
     """The sentence that follows `decision`'s verdict: prose never contradicts its own run.
 
@@ -151,7 +233,7 @@ def say(decision: Decision | tuple[str, str], **texts: str) -> str:
         verdicts.say(decision, holds=f"{ratio:.2f}× the floor: bandwidth sets the step.",
                      fails=f"{ratio:.2f}× the floor: something else costs more (below).")
     """
-    verdict, rule = decision
+    verdict, rule = _decision(decision)
     keys = {HOLDS: "holds", FAILS: "fails", NOISE: "noise", NOT_MEASURED: "not_measured"}
     unknown = set(texts) - set(keys.values())
     if unknown:
@@ -164,6 +246,10 @@ def say(decision: Decision | tuple[str, str], **texts: str) -> str:
 
 def ms(median_s: float, q1_s: float | None = None, q3_s: float | None = None) -> str:
     """Evidence text of a timing given in seconds: '12.3 ms (IQR 11.9–12.8)'."""
+    median_s, q1_s, q3_s = (_number(n, v) for n, v in (("median_s", median_s), ("q1_s", q1_s),
+                                                        ("q3_s", q3_s)))  # fmt: skip
+    if median_s is None:
+        return "not measured"
     text = f"{_g(median_s * 1e3)} ms"
     if q1_s is not None and q3_s is not None:
         text += f" (IQR {_g(q1_s * 1e3)}–{_g(q3_s * 1e3)})"
@@ -172,7 +258,7 @@ def ms(median_s: float, q1_s: float | None = None, q3_s: float | None = None) ->
 
 def row(claim: str, evidence: str, decision: Decision | tuple[str, str]) -> dict[str, str]:
     """One table row: the claim, this run's numbers (formatted by the caller), rule and verdict."""
-    verdict, rule = decision
+    verdict, rule = _decision(decision)
     return dict(zip(COLUMNS, (claim, evidence, rule, verdict), strict=True))
 
 
