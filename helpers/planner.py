@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +90,7 @@ class GPUSpec:
     engine: Engine = Engine("ideal")  # zero overhead: the first-principles floor
     link: str = "nvlink"  # "nvlink" or "pcie": how GPUs without NVLink talk
     linear_flops: dict = field(default_factory=dict)  # tokens per pass → measured FLOP/s
+    bf16: bool = True  # runs bf16 natively (a T4, Turing, does not: it serves in fp16)
 
 
 # --- Published data ------------------------------------------------------------------------
@@ -236,7 +238,8 @@ def _hardware() -> dict[str, dict]:
         else:
             link, kind = r.pcie_gbs * 1e9, "pcie"
         out[r.gpu] = dict(flops=flops, bandwidth=r.memory_bandwidth_gbs * 1e9,
-                          memory=r.memory_gb * 1e9, link_bandwidth=link, link=kind)  # fmt: skip
+                          memory=r.memory_gb * 1e9, link_bandwidth=link, link=kind,
+                          bf16=bool(pd.notna(r.dense_bf16_tflops)))  # fmt: skip
     return out
 
 
@@ -256,7 +259,18 @@ def published_gpus(engine: str | Engine = DEFAULT_ENGINE) -> dict[str, GPUSpec]:
 
 def spec_from_ceilings(ceilings, name: str = "this machine", memory_bytes: float = 0.0) -> GPUSpec:
     """This machine as measured (notebook 00): bandwidth, FLOP/s of square and decode-shaped
-    matmuls, and the overhead of an eager decode step. Already achievable: no efficiency."""
+    matmuls, and the overhead of an eager decode step. Already achievable: no efficiency.
+    It has no link to another device (`link_bandwidth=None`): it predicts tp=1 only."""
+    flops = getattr(ceilings, "matmul_flops", None)
+    if not isinstance(flops, dict) or not flops or not hasattr(ceilings, "read_bandwidth"):
+        raise TypeError(
+            f"ceilings must be roofline.Ceilings (measured in notebook 00), got {ceilings!r}: "
+            "pass roofline.load_or_measure(device, preset)"
+        )
+    for dt, value in flops.items():
+        checks.positive(f"ceilings.matmul_flops[{dt!r}]", value)
+    checks.positive("ceilings.read_bandwidth", ceilings.read_bandwidth)
+    checks.positive("memory_bytes", memory_bytes, allow_zero=True)
     engine = Engine(
         "eager, measured here",
         step_s=getattr(ceilings, "step_overhead_s", None) or 0.0,
@@ -357,8 +371,37 @@ class Prediction:
 def _resolve(model, gpu_) -> tuple[Shape, GPUSpec]:
     if isinstance(model, str):
         model = model.strip().lower()  # names are labels: "Llama-2-7B" is "llama-2-7b"
-    shape = Shape.of(model)  # a name, a transformers config or a dict; errors name the choices
-    return shape, gpu_ if isinstance(gpu_, GPUSpec) else gpu(gpu_)
+    try:
+        shape = Shape.of(model)  # a name, a transformers config or a dict; errors name the choices
+    except ValueError as err:
+        raise ValueError(f"model {model!r}: {err}") from None
+    if isinstance(gpu_, GPUSpec):
+        for part in ("flops", "bandwidth"):
+            checks.positive(f"gpu.{part}", getattr(gpu_, part))
+        checks.positive("gpu.memory", gpu_.memory, allow_zero=True)
+        return shape, gpu_
+    return shape, gpu(gpu_)
+
+
+def _checked(model, gpu_, dtype, tp) -> tuple[Shape, GPUSpec, str, int]:
+    """The checks every public prediction applies: model, GPU, a dtype it runs, a TP degree that
+    splits the model and that the GPU can talk at."""
+    dtype = checks.choice("dtype", dtype, WEIGHT_BYTES)
+    tp = checks.whole("tp", tp)
+    shape, spec = _resolve(model, gpu_)
+    check_tp_degree(tp, heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate)
+    if dtype == "bf16" and not spec.bf16:
+        raise ValueError(
+            f"gpu {spec.name!r} has no native bf16 (a Turing GPU): use dtype='fp16', which it "
+            "runs at the same bytes per weight"
+        )
+    if tp > 1 and not spec.link_bandwidth:
+        raise ValueError(
+            f"tp={tp} needs a link between devices, and gpu {spec.name!r} has none (a machine "
+            "measured here is one device): use tp=1, or give it one with "
+            "dataclasses.replace(spec, link_bandwidth=bytes_per_s)"
+        )
+    return shape, spec, dtype, tp
 
 
 def predict(
@@ -369,13 +412,10 @@ def predict(
 
     `gpu`: a name from `data/published_hardware.csv` (run by the `compiled` engine), or a
     `GPUSpec` (`planner.gpu(name, engine)`, `spec_from_ceilings(...)`, `calibrate(...)`)."""
-    dtype = checks.choice("dtype", dtype, WEIGHT_BYTES)
-    tp = checks.whole("tp", tp)
+    shape, spec, dtype, tp = _checked(model, gpu, dtype, tp)
     batch = checks.whole("batch", batch)
     prompt_tokens = checks.whole("prompt_tokens", prompt_tokens)
     new_tokens = checks.whole("new_tokens", new_tokens)
-    shape, spec = _resolve(model, gpu)
-    check_tp_degree(tp, heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate)
 
     prefill = step_time(shape, spec, dtype, tp, batch, prompt_tokens, prompt_tokens)
     decode = step_time(shape, spec, dtype, tp, batch, 1, prompt_tokens + new_tokens // 2)
@@ -406,9 +446,22 @@ def step_seconds(*, model, gpu, dtype: str, tp: int = 1, batch: int, tokens: int
                  context: int) -> float:  # fmt: skip
     """Predicted seconds of one forward pass: `batch` sequences, `tokens` new tokens each,
     attending to `context` positions (a serving engine's step-time model)."""
-    shape, spec = _resolve(model, gpu)
-    dtype = checks.choice("dtype", dtype, WEIGHT_BYTES)
+    shape, spec, dtype, tp = _checked(model, gpu, dtype, tp)
+    batch = checks.whole("batch", batch)
+    tokens = checks.whole("tokens", tokens)
+    context = checks.whole("context", context, minimum=0)
     return _total(step_time(shape, spec, dtype, tp, batch, tokens, context))
+
+
+def step_seconds_function(*, model, gpu, dtype: str, tp: int = 1):
+    """`step_seconds` with model, GPU, dtype and TP checked once: a function
+    (batch, tokens, context) -> seconds for a loop that calls it at every step."""
+    shape, spec, dtype, tp = _checked(model, gpu, dtype, tp)
+
+    def seconds(batch: int, tokens: int, context: int) -> float:
+        return _total(step_time(shape, spec, dtype, tp, batch, tokens, context))
+
+    return seconds
 
 
 def calibrate(measured, *, model, gpu, dtype: str) -> GPUSpec:
@@ -416,10 +469,8 @@ def calibrate(measured, *, model, gpu, dtype: str) -> GPUSpec:
 
     `measured`: rows with `batch`, `prompt`, `new_tokens` and the measured `tpot_s`. The
     intercept becomes the engine's per-step overhead and the slope divides its efficiency."""
-    rows = pd.DataFrame(measured)
-    if len(rows) < 2:
-        raise ValueError("calibrate needs at least two measured rows (e.g. two batch sizes)")
-    shape, spec = _resolve(model, gpu)
+    shape, spec, dtype, _ = _checked(model, gpu, dtype, 1)
+    rows = _measured_rows(measured)
     ideal = dataclasses.replace(spec, engine=dataclasses.replace(
         spec.engine, step_s=0.0, layer_s=0.0))  # fmt: skip
     x = [
@@ -427,6 +478,11 @@ def calibrate(measured, *, model, gpu, dtype: str) -> GPUSpec:
                          int(r.prompt) + int(r.new_tokens) // 2))
         for r in rows.itertuples()
     ]  # fmt: skip
+    if len(set(x)) < 2:
+        raise ValueError(
+            f"the {len(rows)} measured rows all predict the same work (batch, prompt and "
+            "new_tokens alike): measure at least two batch sizes"
+        )
     slope, intercept = np.polyfit(x, rows.tpot_s.to_numpy(), 1)
     if slope <= 0:
         raise ValueError("the measured times do not grow with the predicted work: measure a "
@@ -441,6 +497,36 @@ def calibrate(measured, *, model, gpu, dtype: str) -> GPUSpec:
                                flops=spec.flops / slope)  # fmt: skip
 
 
+_MEASURED_COLUMNS = ("batch", "prompt", "new_tokens", "tpot_s")
+
+
+def _measured_rows(measured) -> pd.DataFrame:
+    """calibrate's rows, each checked: whole counts and a finite, positive time (row named)."""
+    if isinstance(measured, str) or not hasattr(measured, "__iter__"):
+        raise TypeError(
+            f"measured must be rows (a DataFrame or a list of dicts) with {list(_MEASURED_COLUMNS)}"
+            f", got {measured!r}"
+        )
+    rows = pd.DataFrame(measured)
+    missing = [c for c in _MEASURED_COLUMNS if c not in rows.columns]
+    if missing:
+        raise ValueError(f"measured lacks the column(s) {missing}: each row needs "
+                         f"{list(_MEASURED_COLUMNS)}")  # fmt: skip
+    if len(rows) < 2:
+        raise ValueError("calibrate needs at least two measured rows (e.g. two batch sizes)")
+    for i, r in enumerate(rows.itertuples()):
+        at = f"measured row {i} (batch {r.batch})"
+        for column in ("batch", "prompt", "new_tokens"):
+            checks.whole(f"{at} {column}", getattr(r, column))
+        t = r.tpot_s
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+            raise ValueError(
+                f"{at} has tpot_s={t!r}: a time must be finite and > 0 (a batch that ran out of "
+                "memory?): drop that row, e.g. measured[measured.tpot_s.notna()]"
+            )
+    return rows
+
+
 def candidates(
     model, gpu, gpus: int, prompt_tokens: int = 512, new_tokens: int = 128,
     dtypes=("fp16", "int8", "int4"), batches=tuple(2**k for k in range(11)),
@@ -448,10 +534,18 @@ def candidates(
     """Every (precision, TP, batch) on `gpus` GPUs, as predicted; replicas = gpus // tp."""
     gpus = checks.whole("gpus", gpus)
     dtypes = checks.names("dtypes", dtypes, WEIGHT_BYTES)
+    prompt_tokens = checks.whole("prompt_tokens", prompt_tokens)
+    new_tokens = checks.whole("new_tokens", new_tokens)
+    if isinstance(batches, str) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"batches must be a list of batch sizes, e.g. (1, 8, 64), got {batches!r}")
+    batches = [checks.whole("batches", b) for b in batches]
+    if not batches:
+        raise ValueError("batches is empty: give at least one batch size, e.g. (1, 8, 64)")
     shape, spec = _resolve(model, gpu)
     rows = []
     for dtype in dtypes:
-        for tp in (t for t in (1, 2, 4, 8) if t <= gpus and shape.kv_heads % t == 0):
+        degrees = (1, 2, 4, 8) if spec.link_bandwidth else (1,)  # no link: one device each
+        for tp in (t for t in degrees if t <= gpus and shape.kv_heads % t == 0):
             for batch in batches:
                 p = predict(
                     model=model,
@@ -492,6 +586,7 @@ _PUBLISHED_UNITS = {
 def versus_published(roles=("check", "calibration")) -> pd.DataFrame:
     """Every published speed row (of `roles`) beside the planner's prediction for it, run by the
     row's engine on its GPU at its TP, batch and prompt, in the row's unit, with the error."""
+    roles = checks.names("roles", roles, ("check", "calibration"))
     rows = []
     table = published_results()
     for r in table[table.role.isin(roles)].itertuples():

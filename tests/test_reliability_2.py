@@ -6,12 +6,13 @@ property test throwing random bad values at every public function is test_reliab
 """
 
 import math
+import types
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import verdicts
+from helpers import planner, verdicts
 from helpers.verdicts import FAILS, HOLDS, NOT_MEASURED
 
 # --- verdicts: never "holds" on evidence that is not there ------------------------------------
@@ -67,3 +68,68 @@ def test_rows_take_decisions_only():
     with pytest.raises(TypeError, match="decision must be a verdicts.Decision"):
         verdicts.row("claim", "evidence", "holds")
     assert verdicts.ms(None) == "not measured"
+
+
+# --- planner: no engine fitted to nothing, the same checks in every function ------------------
+
+ROWS = [{"batch": b, "prompt": 128, "new_tokens": 16, "tpot_s": 0.01 + 0.001 * b} for b in (1, 8)]
+
+
+def test_calibrate_refuses_identical_rows():
+    same = [dict(ROWS[0]) for _ in range(3)]  # a plausible engine and a NumPy warning before
+    with pytest.raises(ValueError, match="the 3 measured rows all predict the same work"):
+        planner.calibrate(same, model="llama-2-7b", gpu="h100-sxm", dtype="fp16")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -0.01, 0.0, None])
+def test_calibrate_refuses_a_row_that_is_not_a_time_naming_it(bad):
+    rows = [*ROWS, {"batch": 64, "prompt": 128, "new_tokens": 16, "tpot_s": bad}]
+    with pytest.raises(ValueError, match=r"measured row 2 \(batch 64\) has tpot_s=.*drop that row"):
+        planner.calibrate(rows, model="llama-2-7b", gpu="h100-sxm", dtype="fp16")  # NaN engine
+
+
+def test_calibrate_names_missing_columns_and_takes_dtype_names_as_predict_does():
+    with pytest.raises(ValueError, match=r"measured lacks the column\(s\) \['tpot_s'\]"):
+        planner.calibrate([{"batch": 1, "prompt": 1, "new_tokens": 2}] * 2, model="llama-2-7b",
+                          gpu="h100-sxm", dtype="fp16")  # fmt: skip
+    upper = planner.calibrate(ROWS, model="llama-2-7b", gpu="h100-sxm", dtype="BF16")  # KeyError
+    assert upper == planner.calibrate(ROWS, model="llama-2-7b", gpu="h100-sxm", dtype="bf16")
+
+
+def test_a_t4_has_no_bf16():
+    with pytest.raises(ValueError, match="gpu 't4' has no native bf16.*use dtype='fp16'"):
+        planner.predict(gpu="t4", dtype="bf16")  # fp16's numbers before, without a word
+    with pytest.raises(ValueError, match="no native bf16"):
+        planner.step_seconds(model="llama-2-7b", gpu="T4", dtype="bf16", batch=1, tokens=1,
+                             context=1)  # fmt: skip
+    assert planner.predict(gpu="t4", dtype="fp16").tpot_s > 0
+
+
+@pytest.mark.parametrize(
+    ("tp", "error", "message"),
+    [
+        (3, ValueError, "TP degree 3 does not divide the 32 attention heads"),  # a time before
+        (0, ValueError, "tp must be at least 1, got 0"),  # ZeroDivisionError before
+        (1.5, TypeError, "tp must be a whole number"),
+    ],
+)
+def test_step_seconds_checks_tp_as_predict_does(tp, error, message):
+    with pytest.raises(error, match=message):
+        planner.step_seconds(model="llama-2-7b", gpu="h100-sxm", dtype="fp16", tp=tp, batch=1,
+                             tokens=1, context=8)  # fmt: skip
+    with pytest.raises(error, match=message):
+        planner.predict(model="llama-2-7b", gpu="h100-sxm", tp=tp)
+
+
+def fake_ceilings():
+    return types.SimpleNamespace(matmul_flops={"fp32": 1e11}, read_bandwidth=2e10,
+                                 step_overhead_s=1e-3, layer_overhead_s=1e-5)  # fmt: skip
+
+
+def test_a_measured_machine_has_no_link_for_tp_2():
+    spec = planner.spec_from_ceilings(fake_ceilings())
+    with pytest.raises(ValueError, match=r"tp=2 needs a link between devices, and gpu 'this mac"):
+        planner.predict(model="llama-2-7b", gpu=spec, dtype="fp32", tp=2)  # TypeError before
+    assert set(planner.candidates("llama-2-7b", spec, gpus=2, dtypes=("fp32",)).tp) == {1}
+    with pytest.raises(TypeError, match=r"ceilings must be roofline.Ceilings"):
+        planner.spec_from_ceilings({"read_bandwidth": 1e9})
