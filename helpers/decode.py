@@ -297,6 +297,12 @@ def greedy_decode(
     new_tokens = checks.whole("new_tokens", new_tokens)
     _check_llama(model)
     batch, prompt_len = _check_prompt(input_ids).shape
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_len + new_tokens > limit:  # as serving.run refuses it
+        raise ValueError(
+            f"the prompt needs {prompt_len} prompt + {new_tokens} new = {prompt_len + new_tokens} "
+            f"positions; the model's context is {limit}: shorten it"
+        )
     device = input_ids.device
     weight = next(model.parameters())
     cache = KVCache(model.config, batch, prompt_len + new_tokens, weight.dtype, device)

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -66,8 +67,11 @@ from helpers import DATA_DIR, checks, planner
 from helpers.bench import timed
 from helpers.decode import _check_llama, layers
 from helpers.device import check_finite
+from helpers.shapes import format_bytes
 
 POLICIES = ("continuous", "static")
+# A live run waits for each arrival in real time: one later than this is most likely in ms.
+LIVE_ARRIVAL_LIMIT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,12 @@ class _Seq:
         return self.prompt_len + self.request.max_new_tokens - 1
 
 
-def _check_requests(requests, context_limit: int | None) -> list[Request]:
+def _check_requests(requests, context_limit: int | None, vocab: int | None = None,
+                    live: bool = False) -> list[Request]:  # fmt: skip
+    if isinstance(requests, Request):
+        raise TypeError("requests is one serving.Request: pass a list of them, e.g. [request]")
+    if isinstance(requests, str | bytes | dict) or not hasattr(requests, "__iter__"):
+        raise TypeError(f"requests must be a list of serving.Request, got {requests!r}")
     requests = list(requests)
     if not requests:
         raise ValueError("requests is empty: give at least one serving.Request")
@@ -208,6 +217,20 @@ def _check_requests(requests, context_limit: int | None) -> list[Request]:
                 f"({last} s): sort the requests by arrival_s"
             )
         last = r.arrival_s
+        if live and r.arrival_s > LIVE_ARRIVAL_LIMIT_S:
+            raise ValueError(
+                f"requests[{i}] arrives at {r.arrival_s:g} s, over an hour away, and "
+                "clock='wall' waits for it in real time: is arrival_s in milliseconds? "
+                "Give seconds (ms / 1000), or a virtual clock"
+            )
+        if vocab is not None:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"requests[{i}].prompt_ids holds token id {low if low < 0 else high}, outside "
+                    f"the model's vocabulary 0…{vocab - 1}: draw ids below vocab_size, e.g. "
+                    f"poisson_trace(..., vocab={vocab}), and never a pad id such as -100"
+                )
         total = ids.numel() + r.max_new_tokens
         if context_limit is not None and total > context_limit:
             raise ValueError(
@@ -403,11 +426,13 @@ def run(
         raise TypeError("clock must be 'wall' or a function step -> seconds (a virtual clock)")
     if model is None and clock == "wall":
         raise ValueError("model=None simulates the schedule: give clock=a step-time function")
-    limit = None
+    limit = vocab = None
     if model is not None:
         _check_llama(model)
         limit = getattr(model.config, "max_position_embeddings", None)
-    requests = _check_requests(requests, limit)
+        vocab = getattr(model.config, "vocab_size", None)
+        _check_kv_budget(model, kv_blocks, block_size)
+    requests = _check_requests(requests, limit, vocab, live=clock == "wall")
 
     engine = _Engine(model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock)
     seqs = [_Seq(i, r, r.prompt_ids.tolist(), r.prompt_ids.numel()) for i, r in enumerate(requests)]
@@ -447,7 +472,7 @@ def run(
         )  # None: simulated
         new_tokens, run_s = timed(lambda w=work: engine._step(w), device)
         shape = _shape(work)
-        step_s = plan_s + run_s if clock == "wall" else float(clock(shape))
+        step_s = plan_s + run_s if clock == "wall" else _clock_seconds(clock, shape, engine)
         engine.log(now, step_s, work, shape, arrived, finished)
         now += step_s
         emitted = iter(new_tokens)
@@ -462,6 +487,46 @@ def run(
                     engine._retire(seq)
                     finished += 1
     return _results(seqs, errors, engine, block_size, model is None)
+
+
+def _check_kv_budget(model, kv_blocks: int, block_size: int) -> None:
+    """The paged cache's bytes, estimated before allocating it, against the memory there is."""
+    config, weight = model.config, next(model.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    need = (2 * config.num_hidden_layers * kv_blocks * block_size * kv_heads * head_dim
+            * weight.element_size())  # fmt: skip
+    if weight.device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(weight.device)[0], f"{weight.device} has free"
+    else:
+        have, where = psutil.virtual_memory().available, "this machine has available"
+    if need > have:
+        per_block = need // kv_blocks
+        raise ValueError(
+            f"kv_blocks={kv_blocks} needs {format_bytes(need)} of KV cache ({block_size} positions "
+            f"per block, {format_bytes(per_block)} each) and {where} {format_bytes(have)}: lower "
+            f"kv_blocks to at most {max(1, int(have * 0.8 // per_block))}"
+        )
+
+
+def _clock_seconds(clock, shape: Step, engine: _Engine) -> float:
+    """What a virtual clock says this step costs; a missing, non-finite or negative time stops
+    the run here, naming the step (a silent one would make every later figure wrong)."""
+    value = clock(shape)
+    at = f"at step {len(engine.steps)} ({shape})"
+    if value is None:
+        raise TypeError(f"clock returned None {at}: the function must `return` the step's seconds")
+    try:
+        if isinstance(value, str | bytes | bool):
+            raise TypeError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"clock returned {value!r} {at}: it must return seconds, a number"
+        ) from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"clock returned {seconds} s {at}: a step costs a finite time ≥ 0 s")
+    return seconds
 
 
 def _is_decode(seq: _Seq, n: int) -> bool:
@@ -506,10 +571,40 @@ def _results(seqs, errors, engine, block_size, simulated) -> pd.DataFrame:
 # --- Reading the results --------------------------------------------------------------------
 
 
+def _served(df, what: str) -> pd.DataFrame:
+    """The served rows of `run`'s result; a run that served nothing says so instead of NaN."""
+    if not isinstance(df, pd.DataFrame) or not {"error", "finish_s"} <= set(df.columns):
+        raise TypeError(f"{what} takes the table serving.run returns (one row per request), "
+                        f"got {type(df).__name__}")  # fmt: skip
+    ok = df[df.error == ""]
+    if ok.empty:
+        first = next((e for e in df.error if e), "")
+        raise ValueError(
+            f"no request was served ({len(df)} rejected{': ' + first if first else ''}), so "
+            f"{what} has nothing to measure"
+        )
+    return ok
+
+
+def _steps(df, what: str) -> pd.DataFrame:
+    steps = df.attrs.get("steps")
+    if not isinstance(steps, pd.DataFrame) or steps.empty:
+        raise ValueError(
+            f"{what} needs the step log in df.attrs['steps']: pass the table serving.run "
+            "returned, unchanged (a copy made by pandas may drop attrs)"
+        )
+    return steps
+
+
 def summary(df: pd.DataFrame, percentiles=(50, 90, 99)) -> dict:
     """Percentiles of TTFT, TPOT and end-to-end latency (s) over served requests, and throughput:
     generated tokens and requests per second from the first arrival to the last finish."""
-    ok = df[df.error == ""]
+    ok = _served(df, "summary")
+    if isinstance(percentiles, str) or not hasattr(percentiles, "__iter__"):
+        raise TypeError(f"percentiles must be a list such as (50, 90, 99), got {percentiles!r}")
+    for p in percentiles:
+        if checks.positive("percentiles", p, allow_zero=True) > 100:
+            raise ValueError(f"percentiles must lie in 0…100, got {p}")
     span = ok.finish_s.max() - ok.arrival_s.min()
     out = {}
     for metric in ("ttft_s", "tpot_s", "latency_s"):
@@ -523,8 +618,9 @@ def summary(df: pd.DataFrame, percentiles=(50, 90, 99)) -> dict:
 
 def goodput(df: pd.DataFrame, ttft_s: float, tpot_s: float) -> float:
     """Requests per second that met both latency targets (DistServe's goodput)."""
+    served = _served(df, "goodput")
+    ttft_s, tpot_s = checks.positive("ttft_s", ttft_s), checks.positive("tpot_s", tpot_s)
     ok = df[(df.error == "") & (df.ttft_s <= ttft_s) & (df.tpot_s.fillna(0) <= tpot_s)]
-    served = df[df.error == ""]
     return len(ok) / (served.finish_s.max() - served.arrival_s.min())
 
 
@@ -533,8 +629,8 @@ def littles_law(df: pd.DataFrame) -> dict:
     mean latency, from the request rows). The two agree when the engine's accounting is right;
     the log counts requests at step starts, so one arriving mid-step is counted from the next
     step and L runs low by about λ · (half a step) ÷ L."""
-    ok = df[df.error == ""]
-    steps = df.attrs["steps"]
+    ok = _served(df, "littles_law")
+    steps = _steps(df, "littles_law")
     span = ok.finish_s.max() - ok.arrival_s.min()
     in_system = float((steps.in_system * steps.step_s).sum() / span)
     rate = len(ok) / span
@@ -547,7 +643,10 @@ def kv_usage(df: pd.DataFrame, max_len: int | None = None) -> dict:
     paged allocation (blocks × block size), and contiguous reservations — prompt +
     max_new_tokens per running request, or `max_len` each (the model's maximum, as early
     systems reserved). Waste = 1 − stored ÷ held."""
-    steps, size = df.attrs["steps"], df.attrs["blocks"]["block_size"]
+    _served(df, "kv_usage")
+    steps, size = _steps(df, "kv_usage"), df.attrs["blocks"]["block_size"]
+    if max_len is not None:
+        max_len = checks.whole("max_len", max_len)
     w = steps.step_s / steps.step_s.sum()
     stored = float((steps.kv_tokens * w).sum())
     held = {"paged": float((steps.blocks_in_use * size * w).sum()),
@@ -580,6 +679,15 @@ def fit_step_time(steps: pd.DataFrame) -> StepModel:
     A term whose coefficient comes out negative is dropped (set to 0) and the rest refitted. Steps
     more than 3 median deviations from a first fit (a burst from another program on a shared
     machine) are left out of the second."""
+    if isinstance(steps, pd.DataFrame) and "request" in steps.columns and "seqs" not in steps:
+        raise TypeError("steps is run's table of requests: pass its step log, df.attrs['steps']")
+    if not isinstance(steps, pd.DataFrame):
+        raise TypeError(f"steps must be a step log (df.attrs['steps']), got {type(steps).__name__}")
+    missing = [c for c in ("seqs", "tokens", "context", "step_s") if c not in steps.columns]
+    if missing:
+        raise ValueError(f"steps lacks the column(s) {missing}: pass run's df.attrs['steps']")
+    if not np.isfinite(steps.step_s.to_numpy(dtype=float)).all():
+        raise ValueError("steps.step_s holds NaN or inf: drop those steps before fitting")
     x = np.column_stack([np.ones(len(steps)), steps.seqs, steps.tokens, steps.context])
     y = steps.step_s.to_numpy(dtype=float)
     if np.linalg.matrix_rank(x) < 4:
@@ -609,14 +717,11 @@ def fit_step_time(steps: pd.DataFrame) -> StepModel:
 def planner_step_time(model, gpu, dtype: str = "bf16", tp: int = 1) -> Callable[[Step], float]:
     """A virtual clock from `planner.step_seconds`: a step of B sequences carrying T tokens over
     C cached positions costs one forward pass of batch B, T/B tokens and C/B context each."""
-    gpu = planner.gpu(gpu) if isinstance(gpu, str) else gpu  # resolve the name once
+    pass_s = planner.step_seconds_function(model=model, gpu=gpu, dtype=dtype, tp=tp)  # checked once
 
     def seconds(step: Step) -> float:
-        return planner.step_seconds(
-            model=model, gpu=gpu, dtype=dtype, tp=tp, batch=step.seqs,
-            tokens=max(1, round(step.tokens / step.seqs)),
-            context=max(1, round(step.context / step.seqs)),
-        )  # fmt: skip
+        return pass_s(step.seqs, max(1, round(step.tokens / step.seqs)),
+                      max(1, round(step.context / step.seqs)))  # fmt: skip
 
     return seconds
 
@@ -645,6 +750,10 @@ def poisson_trace(
     rate = checks.positive("rate", rate)
     n = checks.whole("n", n)
     scale = checks.positive("scale", scale)
+    seed = checks.whole("seed", seed, minimum=0)
+    vocab = checks.whole("vocab", vocab, minimum=2)
+    max_prompt = None if max_prompt is None else checks.whole("max_prompt", max_prompt)
+    max_output = None if max_output is None else checks.whole("max_output", max_output)
     rng = np.random.default_rng(seed)
     q = published_lengths(trace)
     arrivals = np.cumsum(rng.exponential(1 / rate, n))
@@ -655,6 +764,8 @@ def poisson_trace(
     outputs = np.clip(np.rint(outputs), 1, max_output or None).astype(int)
     gen = torch.Generator().manual_seed(seed)
     return [
-        Request(torch.randint(100, vocab, (int(p),), generator=gen), int(o), float(a))
+        Request(
+            torch.randint(min(100, vocab - 1), vocab, (int(p),), generator=gen), int(o), float(a)
+        )
         for a, p, o in zip(arrivals, prompts, outputs, strict=True)
     ]

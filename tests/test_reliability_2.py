@@ -11,8 +11,10 @@ import types
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from helpers import planner, verdicts
+from helpers import planner, serving, verdicts
+from helpers.decode import greedy_decode
 from helpers.verdicts import FAILS, HOLDS, NOT_MEASURED
 
 # --- verdicts: never "holds" on evidence that is not there ------------------------------------
@@ -133,3 +135,99 @@ def test_a_measured_machine_has_no_link_for_tp_2():
     assert set(planner.candidates("llama-2-7b", spec, gpus=2, dtypes=("fp32",)).tp) == {1}
     with pytest.raises(TypeError, match=r"ceilings must be roofline.Ceilings"):
         planner.spec_from_ceilings({"read_bandwidth": 1e9})
+
+
+# --- serving: a clock that lies stops the run; nothing served says so ------------------------
+
+
+def reqs(spec, vocab=97):
+    gen = torch.Generator().manual_seed(0)
+    return [serving.Request(torch.randint(0, vocab, (p,), generator=gen), n, a) for p, n, a in spec]
+
+
+TWO = [(4, 3, 0.0), (6, 2, 0.5)]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (None, TypeError, r"clock returned None at step 0 \(Step\(seqs=1.*must `return`"),
+        (math.nan, ValueError, r"clock returned nan s at step 0 .*finite time ≥ 0"),
+        (-0.01, ValueError, r"clock returned -0.01 s at step 0"),
+        ("1", TypeError, r"clock returned '1' at step 0.*a number"),
+    ],
+)
+def test_a_virtual_clock_that_returns_no_time_fails_at_that_step(value, error, message):
+    with pytest.raises(error, match=message):  # a negative TPOT or an all-NaN summary before
+        serving.run(None, reqs(TWO), clock=lambda step: value)
+
+
+def test_the_step_at_which_a_clock_fails_is_named():
+    with pytest.raises(
+        ValueError, match=r"clock returned nan s at step 1 \(Step\(seqs=1, tokens=1"
+    ):
+        serving.run(None, reqs(TWO), clock=lambda step: 0.1 if step.tokens > 1 else math.nan)
+
+
+def all_rejected():
+    with pytest.warns(UserWarning, match="1 request"):
+        return serving.run(None, reqs([(10, 20, 0.0)]), block_size=2, kv_blocks=1,
+                           clock=lambda s: 1.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("read", [serving.summary, serving.littles_law, serving.kv_usage,
+                                  lambda df: serving.goodput(df, 1.0, 1.0)])  # fmt: skip
+def test_a_run_that_served_nothing_says_so(read):
+    with pytest.raises(ValueError, match=r"no request was served \(1 rejected: needs 15 KV blocks"):
+        read(all_rejected())  # eleven NaN figures, or an IndexError, before
+
+
+def test_one_request_instead_of_a_list():
+    (one,) = reqs([(4, 2, 0.0)])
+    with pytest.raises(
+        TypeError, match=r"requests is one serving.Request: pass a list.*\[request\]"
+    ):
+        serving.run(None, one, clock=lambda s: 1.0)
+
+
+def test_a_live_arrival_beyond_an_hour_asks_about_milliseconds(tiny_llama):
+    with pytest.raises(ValueError, match=r"arrives at 5000 s, over an hour.*in milliseconds\?"):
+        serving.run(tiny_llama, reqs([(4, 2, 0.0), (4, 2, 5000.0)]))  # slept 5000 s before
+    far = serving.run(None, reqs([(4, 2, 0.0), (4, 2, 5000.0)]), clock=lambda s: 1.0)
+    assert far.finish_s.max() > 5000  # a virtual clock jumps: no question asked
+
+
+def test_a_kv_budget_that_cannot_be_allocated_is_estimated_first(tiny_llama):
+    with pytest.raises(ValueError, match=r"kv_blocks=100000000 needs .* of KV cache.*lower kv_bl"):
+        serving.run(tiny_llama, reqs([(4, 2, 0.0)]), kv_blocks=10**8)  # allocator error before
+
+
+def test_fit_step_time_given_the_request_table_names_the_step_log():
+    df = serving.run(None, reqs(TWO), clock=lambda s: 1.0)
+    with pytest.raises(TypeError, match=r"pass its step log, df.attrs\['steps'\]"):
+        serving.fit_step_time(df)  # AttributeError before
+
+
+@pytest.mark.parametrize("bad_id", [97, 200, -100])
+def test_token_ids_outside_the_vocabulary_are_named(tiny_llama, bad_id):
+    (r,) = reqs([(4, 2, 0.0)])
+    ids = r.prompt_ids.clone()
+    ids[1] = bad_id
+    with pytest.raises(ValueError, match=rf"requests\[0\].prompt_ids holds token id {bad_id}, "
+                                         r"outside the model's vocabulary 0…96"):  # fmt: skip
+        serving.run(tiny_llama, [serving.Request(ids, 2)], clock=lambda s: 1.0)  # IndexError
+
+
+def test_poisson_trace_with_the_default_vocabulary_and_a_small_model_is_caught(tiny_llama):
+    trace = serving.poisson_trace(1.0, 2, scale=1 / 64)  # ids up to 49151
+    with pytest.raises(ValueError, match=r"vocab=97"):
+        serving.run(tiny_llama, trace, clock=lambda s: 1.0)
+    assert max(int(r.prompt_ids.max()) for r in serving.poisson_trace(1.0, 5, vocab=50)) < 50
+
+
+def test_greedy_decode_past_the_context_is_refused_as_serving_refuses_it(tiny_llama):
+    ids = torch.zeros(1, 2040, dtype=torch.long)
+    with pytest.raises(
+        ValueError, match=r"2040 prompt \+ 20 new = 2060 positions; the model's con"
+    ):
+        greedy_decode(tiny_llama, ids, 20)  # decoded on before
