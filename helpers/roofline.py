@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
-from dataclasses import asdict, dataclass, field
+import sys
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
@@ -53,6 +56,10 @@ def matmul_intensity(m: int, n: int, k: int, bytes_per_element: int) -> float:
     return matmul_flops(m, n, k) / (bytes_per_element * (m * k + k * n + m * n))
 
 
+class CeilingsFileError(ValueError):
+    """A saved ceilings file that cannot be used (empty, half written, another version)."""
+
+
 @dataclass
 class Ceilings:
     """Measured limits of one device (FLOP/s per dtype, bytes/s)."""
@@ -73,19 +80,55 @@ class Ceilings:
     machine: str = ""  # machine_key() of where these were measured
 
     def peak(self, dtype: str = "fp32") -> float:
+        if dtype not in self.matmul_flops:
+            key = dtype.strip().lower() if isinstance(dtype, str) else dtype
+            if key not in self.matmul_flops:
+                raise ValueError(
+                    f"Unknown dtype {dtype!r} for these ceilings; measured: "
+                    f"{sorted(self.matmul_flops)} (int8/int4 are weight-only: they compute "
+                    "in a 16-bit dtype)"
+                )
+            dtype = key
         return self.matmul_flops[dtype]
 
     def save(self, path: Path | None = None) -> Path:
+        """Write the ceilings whole or not at all: a temporary file beside `path`, then a rename,
+        so an interrupted notebook never leaves half a file for the next one to trip on."""
         path = Path(path or saved_path(self.device))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
+        fd, partial = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(asdict(self), indent=2))
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: Path) -> Ceilings:
-        fields = json.loads(Path(path).read_text())
-        fields["linear_flops"] = {int(m): v for m, v in fields.get("linear_flops", {}).items()}
-        return cls(**fields)
+        """The ceilings saved at `path`; `CeilingsFileError` (saying why) if they cannot be read:
+        empty, half written, or written by another version of the course."""
+        path = Path(path)
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problem = "it is empty" if path.exists() and not path.stat().st_size else str(err)
+            raise CeilingsFileError(f"{path} cannot be read ({problem})") from None
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is f.default_factory is MISSING}
+        if not isinstance(saved, dict) or set(saved) - known or required - set(saved):
+            have = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise CeilingsFileError(f"{path} was written by another version (fields {have})")
+        try:
+            saved["linear_flops"] = {int(m): v for m, v in saved.get("linear_flops", {}).items()}
+            ceilings = cls(**saved)
+        except (AttributeError, TypeError, ValueError) as err:
+            raise CeilingsFileError(f"{path} holds unexpected values ({err})") from None
+        if not isinstance(ceilings.matmul_flops, dict) or not ceilings.matmul_flops:
+            raise CeilingsFileError(f"{path} holds no matmul ceilings")
+        return ceilings
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, device: str, overhead: dict | None = None) -> Ceilings:
@@ -128,9 +171,14 @@ def load_or_measure(device: torch.device, preset: Preset) -> Ceilings:
     afresh instead of reusing stale numbers."""
     path = saved_path(device)
     if path.exists():
-        ceilings = Ceilings.load(path)
-        if ceilings.machine == machine_key(device) and ceilings.step_overhead_s is not None:
-            return ceilings
+        try:
+            ceilings = Ceilings.load(path)
+        except CeilingsFileError as err:
+            print(f"{err}: measuring the ceilings again (~1 min) and saving them anew",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        else:
+            if ceilings.machine == machine_key(device) and ceilings.step_overhead_s is not None:
+                return ceilings
     ceilings = Ceilings.from_frame(
         measure_ceilings(device, preset), str(device), overhead_fields(measure_overhead(device))
     )
@@ -234,12 +282,12 @@ def read_sweep(device, sizes: list[int], repeats: int = 7) -> pd.DataFrame:
 def read_sweep_sizes(device, working_set: int | None = None) -> list[int]:
     """Buffer sizes for `read_sweep`: ×4 steps from 256 KiB to 2× the last-level cache (at least
     256 MiB), plus `working_set` (e.g. the bytes one decode step reads)."""
-    top = max(256 * 2**20, 2 * last_level_cache(device))
+    top = min(max(256 * 2**20, 2 * last_level_cache(device)), STREAM_CAP_BYTES)
     sizes, n = [], 256 * 2**10
-    while n <= top:
+    while n < top:
         sizes.append(n)
         n *= 4
-    return sizes + ([int(working_set)] if working_set else [])
+    return sorted({*sizes, top, *([int(working_set)] if working_set else [])})
 
 
 def measure_host_device(device: torch.device, nbytes: int, repeats: int) -> list[dict]:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import planner, serving, verdicts
+from helpers import planner, roofline, serving, verdicts
 from helpers.decode import greedy_decode
 from helpers.verdicts import FAILS, HOLDS, NOT_MEASURED
 
@@ -231,3 +231,70 @@ def test_greedy_decode_past_the_context_is_refused_as_serving_refuses_it(tiny_ll
         ValueError, match=r"2040 prompt \+ 20 new = 2060 positions; the model's con"
     ):
         greedy_decode(tiny_llama, ids, 20)  # decoded on before
+
+
+# --- ceilings: written whole, read defensively ------------------------------------------------
+
+
+def sample_ceilings():
+    return roofline.Ceilings(device="cpu", matmul_flops={"fp32": 1e11, "bf16": 5e10},
+                             read_bandwidth=2e10, copy_bandwidth=1e10, step_overhead_s=1e-3,
+                             machine=roofline.machine_key(torch.device("cpu")))  # fmt: skip
+
+
+def test_ceilings_are_written_whole_and_read_back(tmp_path):
+    path = sample_ceilings().save(tmp_path / "c.json")
+    assert roofline.Ceilings.load(path) == sample_ceilings()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temporary left behind
+
+
+def test_an_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
+    path = sample_ceilings().save(tmp_path / "c.json")
+    before = path.read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(roofline.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample_ceilings().save(path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+NEWER = '{"device": "cpu", "matmul_flops": {}, "read_bandwidth": 1, "copy_bandwidth": 1, "x": 3}'
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", r"cannot be read \(it is empty\)"),
+        ('{"device": "cpu", "matmul_fl', r"cannot be read \("),  # half written
+        (NEWER, r"was written by another version"),
+        ('{"device": "cpu"}', r"was written by another version"),
+        ("[1, 2]", r"was written by another version"),
+    ],
+)
+def test_a_file_that_cannot_be_read_is_measured_again_saying_why(tmp_path, monkeypatch, capsys,
+                                                                text, why):  # fmt: skip
+    path = tmp_path / "ceilings_cpu_x.json"
+    path.write_text(text)
+    with pytest.raises(roofline.CeilingsFileError, match=why):
+        roofline.Ceilings.load(path)  # JSONDecodeError or TypeError: unexpected keyword before
+    monkeypatch.setattr(roofline, "saved_path", lambda device: path)
+    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, preset: "frame")
+    monkeypatch.setattr(roofline, "measure_overhead", lambda device: {})
+    monkeypatch.setattr(roofline, "overhead_fields", lambda frames: {})
+    rebuilt = classmethod(lambda cls, df, device, overhead: sample_ceilings())
+    monkeypatch.setattr(roofline.Ceilings, "from_frame", rebuilt)
+    got = roofline.load_or_measure(torch.device("cpu"), preset=None)
+    assert got == sample_ceilings() and roofline.Ceilings.load(path) == got  # rebuilt, saved
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "measuring the ceilings again" in err
+
+
+def test_peak_of_a_dtype_not_measured_names_the_measured_ones():
+    with pytest.raises(
+        ValueError, match=r"Unknown dtype 'int8' for these ceilings; measured: \['bf"
+    ):
+        sample_ceilings().peak("int8")  # KeyError before
+    assert sample_ceilings().peak("BF16") == 5e10
