@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from helpers import BUILD_DIR
+from helpers import BUILD_DIR, checks
+from helpers.device import as_device
 
 
 def quartiles(samples: list[float]) -> tuple[float, float, float]:
@@ -110,9 +111,16 @@ def measure(
     `clock`, synchronising the device around each run. `before_each` runs untimed before every
     timed run (e.g. a barrier, so that all ranks of a collective start together).
     """
-    if repeats < 1:
-        raise ValueError("repeats must be at least 1")
-    device = torch.device(device) if device is not None else None
+    if not callable(fn):
+        raise TypeError(
+            f"fn must be a function to time, got {type(fn).__name__}: pass e.g. "
+            "lambda: model(x), not model(x)'s result"
+        )
+    if before_each is not None and not callable(before_each):
+        raise TypeError(f"before_each must be a function or None, got {before_each!r}")
+    warmup = checks.whole("warmup", warmup, minimum=0)
+    repeats = checks.whole("repeats", repeats)
+    device = as_device(device) if device is not None else None
     for _ in range(warmup):
         fn()
     if device is not None and device.type == "cuda" and before_each is None:

@@ -275,7 +275,8 @@ def as_device(value) -> torch.device:
             return torch.device(value.strip().lower())
         except RuntimeError:
             pass
-    raise ValueError(f"Unknown device {value!r}; pass a torch.device or 'cpu', 'cuda', 'mps'")
+    hint = " (a GPU is 'cuda', or 'cuda:N')" if str(value).strip().lower() == "gpu" else ""
+    raise ValueError(f"Unknown device {value!r}; pass a torch.device or 'cpu', 'cuda', 'mps'{hint}")
 
 
 def check_finite(name: str, tensor: torch.Tensor, fix: str = "") -> torch.Tensor:

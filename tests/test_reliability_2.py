@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import planner, roofline, serving, verdicts
+from helpers import bench, planner, roofline, serving, verdicts
 from helpers.decode import greedy_decode
 from helpers.verdicts import FAILS, HOLDS, NOT_MEASURED
 
@@ -298,3 +298,25 @@ def test_peak_of_a_dtype_not_measured_names_the_measured_ones():
     ):
         sample_ceilings().peak("int8")  # KeyError before
     assert sample_ceilings().peak("BF16") == 5e10
+
+
+# --- bench and device names ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "error", "message"),
+    [
+        (torch.ones(3), {}, TypeError, r"fn must be a function to time, got Tensor: pass e.g. lam"),
+        (lambda: None, {"device": "gpu"}, ValueError, r"Unknown device 'gpu'.*\(a GPU is 'cuda'"),
+        (lambda: None, {"repeats": 2.5}, TypeError, "repeats must be a whole number, got 2.5"),
+        (lambda: None, {"warmup": -1}, ValueError, "warmup must be at least 0, got -1"),
+        (lambda: None, {"before_each": 3}, TypeError, "before_each must be a function or None"),
+    ],
+)
+def test_measure_names_what_it_cannot_time(fn, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        bench.measure(fn, **kwargs)
+
+
+def test_measure_takes_device_names_as_users_write_them():
+    assert bench.measure(lambda: None, device=" CPU ", repeats=3.0).samples.__len__() == 3
