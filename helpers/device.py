@@ -207,6 +207,7 @@ def describe(device: torch.device | None = None) -> dict[str, str]:
         "cpu vector ISA (torch)": torch.backends.cpu.get_cpu_capability(),
         "cpu matrix extensions": ", ".join(f for f in MATRIX_FLAGS if _cpu_has(f)) or "none",
         "RAM (GiB)": f"{psutil.virtual_memory().total / 2**30:.1f}",
+        "load average (1 min)": f"{os.getloadavg()[0]:.2f}",
         "caches": ", ".join(f"{k} {format_bytes(v)}" for k, v in cache_sizes(device).items()),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -229,6 +230,22 @@ def describe(device: torch.device | None = None) -> dict[str, str]:
     except ImportError:
         pass
     return info
+
+
+def load_note() -> str:
+    """A warning when other programs keep this machine's cores busy (timings slow and noisy:
+    on 2 cores two busy programs slow torch several-fold), else ""."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cores = os.cpu_count() or 1
+    if load < 0.5 * cores:
+        return ""
+    return (
+        f"⚠ the machine is busy (load average {load:.1f} on {cores} cores): timings will be slow "
+        "and noisy. Close other notebooks and programs, then rerun for figures worth comparing."
+    )
 
 
 def device_kind(device: torch.device | str) -> str:

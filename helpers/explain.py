@@ -65,7 +65,11 @@ def decode_gap(m: Mapping[str, float]) -> str:
     )
     bigger = "the matrix-vector kernel" if kernel > around else "the work around the products"
     parts += f" The larger share is **{bigger}**; the profile below splits it by operation."
-    return head + parts + " " + versus_generate(loop, m["generate_s"], m.get("generate_how", ""))
+    text = head + parts + " " + versus_generate(loop, m["generate_s"], m.get("generate_how", ""))
+    growing = m.get("generate_growing_s")
+    if growing is not None and growing == growing:
+        text += " " + versus_generate(loop, growing, "growing cache")
+    return text
 
 
 def versus_generate(loop_s: float, generate_s: float, how: str = "") -> str:

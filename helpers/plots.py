@@ -9,9 +9,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib.lines import Line2D
 
 from helpers import BUILD_DIR
 from helpers.roofline import Ceilings, attainable_flops
+from helpers.shapes import format_bytes
 
 FIGURES_DIR = Path(os.environ.get("COURSE_FIGURES", BUILD_DIR / "figures"))
 
@@ -124,20 +126,16 @@ def read_staircase(sweep, caches: dict[str, int], working_set: int | None = None
     ax.errorbar(sweep.bytes, sweep.bandwidth / gbs, fmt="o-", capsize=3, color="C0",
                 yerr=[(sweep.bandwidth - sweep.low) / gbs, (sweep.high - sweep.bandwidth) / gbs],
                 label="read bandwidth (sum of one buffer)")  # fmt: skip
-    for i, (level, size) in enumerate(sorted(caches.items())):
+    shown = {k: v for k, v in caches.items() if v >= sweep.bytes.min() / 4}  # L1: off the left
+    for i, (level, size) in enumerate(sorted(shown.items())):
         ax.axvline(size, color="grey", ls="--", lw=1)
-        ax.annotate(
-            f"{level} {size / 2**20:g} MiB",
-            (size, 1),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, -12 - 10 * (i % 2)),
-            textcoords="offset points",
-            fontsize=8,
-        )
+        ax.annotate(f"{level} {format_bytes(size)}", (size, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12 - 10 * (i % 2)), textcoords="offset points",
+                    fontsize=8)  # fmt: skip
     if working_set:
-        ax.axvline(working_set, color="C3", lw=1.5, label="bytes one decode step reads")
+        ax.axvline(working_set, color="crimson", lw=1.5, label="bytes one decode step reads")
     ax.set(xscale="log", xlabel="buffer size (bytes)", ylabel="GB/s", ylim=(0, None))
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax
 
 
@@ -222,3 +220,84 @@ def sla(table, best, budget_ms: float, ax: plt.Axes | None = None) -> plt.Axes:
     ax.set(xscale="log", yscale="log", xlabel="TPOT (ms)", ylabel="tokens/s on all GPUs")
     ax.legend(fontsize=7)
     return ax
+
+
+# --- Notebook 01's figures ------------------------------------------------------------------
+
+
+def outliers(ratios, channel_max, layer: int) -> plt.Figure:
+    """Three panels: max |w| / std per layer and matrix; int8 error of the same matrices with one
+    scale per tensor (solid) and per output channel (dotted), in each matrix's colour; the
+    largest activation of each channel into `layer` (`quant.outlier_ratios` rows)."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for (name, g), color in zip(ratios.groupby("matrix"), sns.color_palette(), strict=False):
+        axes[0].plot(g.layer, g["max / std"], marker="o", ms=3, color=color, label=name)
+        for granularity, ls in (("tensor", "-"), ("channel", ":")):
+            axes[1].plot(g.layer, g[f"int8 error, per {granularity}"], ls=ls, color=color,
+                         label=f"{name}, per {granularity}")  # fmt: skip
+    axes[0].set(xlabel="layer", ylabel="max |w| / std(w)", title="weights: largest vs typical")
+    axes[1].set(xlabel="layer", ylabel="‖ŵ − w‖ / ‖w‖", yscale="log",
+                title="int8 absmax: one scale per tensor vs per channel")  # fmt: skip
+    axes[2].plot(np.asarray(channel_max), lw=0.7)
+    axes[2].set(xlabel="channel", ylabel="max |activation|", yscale="log",
+                title=f"activations into layer {layer} down_proj")  # fmt: skip
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    return fig
+
+
+def quant_speed(ran, floors, batches, compiled=None, reference: str = "fp32") -> plt.Figure:
+    """Time per decode step against the batch, one panel per backend, in the backend's colour:
+    measured (median, IQR) solid; the floor max(bytes ÷ bandwidth, FLOPs ÷ peak) dashed;
+    floor + the eager loop's overhead dotted; `reference`'s measurement in grey in every panel;
+    `compiled` rows (backend, batch, tpot_s and quartiles) as hollow squares.
+
+    `ran`: one row per backend with `ms_b{b}`, `q1_b{b}`, `q3_b{b}`; `floors`: rows of backend,
+    batch, floor_ms, with_overhead_ms (a dense batch grid, so the bend at the ridge shows)."""
+    names = list(ran.index)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharex=True,
+                             sharey=True, squeeze=False)  # fmt: skip
+    colors = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
+
+    def measured(name):
+        r = ran.loc[name]
+        ms = np.array([r[f"ms_b{b}"] for b in batches])
+        spread = [ms - [r[f"q1_b{b}"] for b in batches], [r[f"q3_b{b}"] for b in batches] - ms]
+        return ms, spread
+
+    ref_ms, _ = measured(reference)
+    for ax, name in zip(axes.flat, names, strict=False):
+        color = colors[name]
+        if name != reference:
+            ax.plot(batches, ref_ms, color="grey", alpha=0.6, lw=1)
+        ms, spread = measured(name)
+        ax.errorbar(batches, ms, yerr=spread, marker="o", ms=4, capsize=2, color=color)
+        f = floors[floors.backend == name]
+        ax.plot(f.batch, f.floor_ms, ls="--", color=color)
+        ax.plot(f.batch, f.with_overhead_ms, ls=":", color=color)
+        if compiled is not None and name in set(compiled.backend):
+            c = compiled[compiled.backend == name]
+            ax.errorbar(c.batch, c.tpot_s * 1e3, yerr=[(c.tpot_s - c.tpot_q1_s) * 1e3,
+                        (c.tpot_q3_s - c.tpot_s) * 1e3], fmt="s", mfc="white", color=color,
+                        capsize=2)  # fmt: skip
+        ax.set_title(name, fontsize=8, color=color)
+        ax.set(xscale="log", yscale="log")
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("batch")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("ms per step")
+    key = [
+        Line2D([], [], color="black", marker="o", label="measured (median, IQR)"),
+        Line2D([], [], color="black", ls="--", label="floor: max(bytes ÷ bandwidth, FLOPs ÷ peak)"),
+        Line2D([], [], color="black", ls=":", label="floor + eager loop overhead"),
+        Line2D([], [], color="grey", alpha=0.6, label=f"{reference}, measured"),
+        Line2D([], [], color="black", marker="s", mfc="white", ls="", label="compiled"),
+    ]
+    fig.legend(handles=key, loc="lower center", ncol=len(key), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.04))  # fmt: skip
+    fig.tight_layout()
+    return fig

@@ -186,16 +186,19 @@ def decode_step_ops(model, batch: int = 1, context: int = 64, repeats: int = 4) 
 
 
 def predict_decode_step(model, ops: pd.DataFrame, ceilings, costs: dict[str, float],
-                        batch: int = 1, context: int = 64) -> dict[str, float]:  # fmt: skip
+                        batch: int = 1, context: int = 64,
+                        bandwidth: float | None = None) -> dict[str, float]:  # fmt: skip
     """First-principles seconds per category for the decode step profiled in `ops`.
 
     Kernels: weight matmuls max(bytes ÷ read bandwidth, FLOPs ÷ the measured rate of
     decode-shaped products at this batch); attention the KV cache's bytes ÷ bandwidth; the
     other kernels move a few activation vectors (≈ 0). Every op adds `costs['aten_s']`, and each
-    op called from Python adds `costs['python_s']` (Horace He's count × cost)."""
+    op called from Python adds `costs['python_s']` (Horace He's count × cost). `bandwidth`:
+    the read rate to use (default: the ceilings' rate beyond the cache; notebook 00 passes the
+    rate measured over as many bytes as the step reads)."""
     shape = Shape.of(model.config)
     param = next(model.parameters())
-    bw = ceilings.read_bandwidth
+    bw = bandwidth or ceilings.read_bandwidth
     matmul_bytes = decode_read_bytes(model)
     flops = 2 * batch * shape.linear_params
     rate = _rate_at(ceilings.linear_flops, batch) or ceilings.peak("fp32")

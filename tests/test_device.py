@@ -74,3 +74,11 @@ def test_cache_sizes_read_from_sysfs(tmp_path):
     sizes = device.cache_sizes("cpu", root=tmp_path)
     assert sizes == {"L1": 48 * 2**10, "L2": 2 * 2**20, "L3": 300 * 2**20}
     assert device.cache_sizes("cpu", root=tmp_path / "missing") == {}
+
+
+def test_load_note_warns_only_when_the_cores_are_busy(monkeypatch):
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (3.5, 3.0, 2.0))
+    assert "busy (load average 3.5 on 2 cores)" in device.load_note()
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert device.load_note() == ""

@@ -78,7 +78,9 @@ def test_native_means_faster_than_fp32_as_measured():
 def test_read_sweep_gives_one_row_per_size_and_the_sizes_span_the_caches(monkeypatch):
     monkeypatch.setattr(roofline, "last_level_cache", lambda device: 32 * 2**20)
     sizes = roofline.read_sweep_sizes("cpu", working_set=100 * 2**20)
-    assert sizes[0] == 256 * 2**10 and max(sizes[:-1]) >= 64 * 2**20 and sizes[-1] == 100 * 2**20
+    assert sizes[0] == 256 * 2**10 and max(sizes) >= 2 * 32 * 2**20 and 100 * 2**20 in sizes
+    monkeypatch.setattr(roofline, "last_level_cache", lambda device: 300 * 2**20)  # the Xeon
+    assert max(roofline.read_sweep_sizes("cpu")) == 600 * 2**20  # reaches past its L3
     df = roofline.read_sweep("cpu", [2**18, 2**20], repeats=3)
     assert list(df.bytes) == [2**18, 2**20]
     assert (df.bandwidth > 0).all() and (df.low <= df.high).all()
