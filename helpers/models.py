@@ -29,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from helpers import REPO_ROOT, checks
-from helpers.device import as_device, to_dtype
+from helpers.device import as_device, pick_device, to_dtype
 from helpers.shapes import ARCHITECTURES
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -40,9 +40,26 @@ CACHE_ENV = "COURSE_CACHE"
 OFFLINE_NAME = "smollm2-135m-instruct-from-q4_1"
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+_SAID_CACHE: set[str] = set()  # $COURSE_CACHE values whose resolved path was already printed
+
+
 def cache_dir() -> Path:
-    """Where the course caches converted models: $COURSE_CACHE, else ~/.cache/llm-serving-course."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llm-serving-course")
+    """Where the course caches converted models: $COURSE_CACHE, else ~/.cache/llm-serving-course.
+
+    `~` and relative paths are expanded (`%env` and `.env` files expand neither), and the path
+    they resolve to is printed once, so the model is never converted again into a `./~` folder."""
+    raw = os.environ.get(CACHE_ENV, "").strip()
+    if not raw:
+        return Path.home() / ".cache" / "llm-serving-course"
+    resolved = Path(raw).expanduser().resolve()
+    if str(resolved) != raw and raw not in _SAID_CACHE:
+        _SAID_CACHE.add(raw)
+        _say(f"{CACHE_ENV}={raw!r} resolves to {resolved}: the course caches models there.")
+    return resolved
 
 
 def offline_dir() -> Path:
@@ -136,10 +153,6 @@ def verify_offline(folder: Path) -> str:
     return problem
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 @contextlib.contextmanager
 def _exclusive(target: Path):
     """Only one process converts into `target` at a time; the others wait, then reuse its work."""
@@ -162,6 +175,39 @@ def _remove(folder: Path) -> None:
         doomed = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
         folder.rename(doomed / folder.name)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete the temporary folders an interrupted conversion left beside `target`, saying so.
+    Call it holding `_exclusive(target)`: a conversion running elsewhere is never touched."""
+    leftovers = [p for p in target.parent.glob(target.name + ".tmp*") if p.is_dir()]
+    if not leftovers:
+        return
+    size = sum(f.stat().st_size for p in leftovers for f in p.rglob("*") if f.is_file())
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    _say(f"Removed {len(leftovers)} temporary folder(s) ({size / 1e9:.2f} GB) left by an "
+         f"interrupted conversion beside {target}.")  # fmt: skip
+
+
+def _clean_after_interruption(target: Path) -> None:
+    """At start: remove an interrupted conversion's leftovers unless another process is
+    converting right now (it holds the lock; its own run cleans up)."""
+    if not target.parent.is_dir() or not any(target.parent.glob(target.name + ".tmp*")):
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: the next conversion cleans them
+        return
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        try:
+            _remove_leftovers(target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _convert(gguf_folder: Path, out: Path) -> None:
@@ -199,8 +245,7 @@ def prepare_offline(target: Path | None = None) -> Path:
         if target.exists():
             _say(f"The offline model cache is damaged ({problem}): rebuilding {target} (~30 s).")
             _remove(target)
-        for leftover in target.parent.glob(target.name + ".tmp*"):  # interrupted earlier runs
-            shutil.rmtree(leftover, ignore_errors=True)
+        _remove_leftovers(target)  # interrupted earlier runs (this process holds the lock)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
         try:
             _convert(folder, tmp)
@@ -217,6 +262,7 @@ def prepare_offline(target: Path | None = None) -> Path:
 def _prepare_in_subprocess(target: Path) -> Path:
     """`prepare_offline` in a separate process, which keeps the conversion's peak memory out of
     the notebook's kernel; a failure is reported with the converter's last words, not retried."""
+    _clean_after_interruption(target)
     problem = verify_offline(target)
     if not problem:
         return target
@@ -288,7 +334,7 @@ def load_smollm2(
     'bf16'. Extra keyword arguments go to `from_pretrained` (e.g. a quantization_config).
     Weights load with safetensors only; no code from the model files is ever run.
     """
-    device = as_device(device)
+    device = pick_device(as_device(device))  # a GPU that is not there: pick_device says what to do
     dtype = to_dtype(dtype)
     source = checks.choice("model source", source or os.environ.get(SOURCE_ENV) or "auto", SOURCES)
     if source == "random":
@@ -340,7 +386,7 @@ def llama_from_config(
     name, or any shape."""
     if name is not None:
         shape = {**ARCHITECTURES[checks.choice("architecture", name, ARCHITECTURES)], **shape}
-    device = as_device(device)
+    device = pick_device(as_device(device))
     dtype = to_dtype(dtype)
     config = LlamaConfig(**shape)
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import bench, planner, roofline, serving, verdicts
+from helpers import bench, models, planner, roofline, serving, verdicts
 from helpers.decode import greedy_decode
 from helpers.verdicts import FAILS, HOLDS, NOT_MEASURED
 
@@ -320,3 +320,38 @@ def test_measure_names_what_it_cannot_time(fn, kwargs, error, message):
 
 def test_measure_takes_device_names_as_users_write_them():
     assert bench.measure(lambda: None, device=" CPU ", repeats=3.0).samples.__len__() == 3
+
+
+# --- the model cache and loader ---------------------------------------------------------
+
+
+def test_course_cache_with_a_tilde_or_relative_path_is_expanded_and_printed(tmp_path, monkeypatch,
+                                                                            capsys):  # fmt: skip
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(models.CACHE_ENV, "~/.cache/llm-serving-course")  # as %env sets it
+    assert models.cache_dir() == tmp_path / ".cache" / "llm-serving-course"  # ./~/.cache before
+    assert f"resolves to {tmp_path / '.cache' / 'llm-serving-course'}" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(models.CACHE_ENV, "cache-here")
+    assert models.offline_dir() == tmp_path / "cache-here" / models.OFFLINE_NAME
+    models.cache_dir()
+    assert capsys.readouterr().err.count("resolves to") == 1  # once per value, not per call
+
+
+def test_an_interrupted_conversion_is_cleaned_on_the_next_start(tmp_path, monkeypatch, capsys):
+    target = tmp_path / models.OFFLINE_NAME
+    leftover = tmp_path / f"{models.OFFLINE_NAME}.tmp-abc123"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(models, "verify_offline", lambda folder: "")  # the cache itself is fine
+    assert models._prepare_in_subprocess(target) == target
+    assert not leftover.exists()  # stayed until the next conversion before
+    assert "Removed 1 temporary folder(s)" in capsys.readouterr().err
+
+
+def test_a_cuda_model_without_a_gpu_gets_pick_devices_message(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA was requested but torch sees no CUDA GPU"):
+        models.load_smollm2(device="cuda", source="random")  # AssertionError: not compiled before
+    with pytest.raises(RuntimeError, match="CUDA was requested"):
+        models.llama_from_config("smollm2-135m", device="CUDA")
