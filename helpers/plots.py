@@ -259,7 +259,8 @@ def quant_speed(ran, floors, batches, compiled=None, reference: str = "fp32") ->
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharex=True,
                              sharey=True, squeeze=False)  # fmt: skip
-    colors = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
+    palette = [c for i, c in enumerate(sns.color_palette("tab10")) if i != 7]  # grey: fp32's
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
 
     def measured(name):
         r = ran.loc[name]

@@ -1,10 +1,15 @@
 """Notebook 01 writes the quantizers and the dequantize-then-matmul layer itself; they must agree
 with known answers and with helpers.quant (the same integers and scales, the same outputs)."""
 
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 import torch
 
-from helpers import quant
+from helpers import plots, quant
 from tests.notebook_defs import definitions
 
 nb = definitions("01_quantization")
@@ -75,3 +80,47 @@ def test_the_linear_forward_equals_the_helper_layers():
 def test_the_idea_cells_define_what_the_notebook_uses():
     assert {"quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4",
             "quantized_linear"} <= set(vars(nb))  # fmt: skip
+
+
+# Prose is written from the run: a sentence that states an outcome is formatted in a code cell and
+# worded by its verdict (verdicts.say), never fixed in a markdown cell.
+OUTCOME_WORDS = ("as predicted", "holds", "does not hold", "within noise", "faster than",
+                 "slower than", "is the main cause", "dominates")  # fmt: skip
+
+
+def test_no_markdown_cell_states_an_outcome():
+    path = Path(__file__).parents[1] / "notebooks" / "01_quantization.ipynb"
+    cells = json.loads(path.read_text())["cells"]
+    for cell in cells:
+        if cell["cell_type"] == "markdown":
+            text = "".join(cell["source"]).lower()
+            assert not [w for w in OUTCOME_WORDS if w in text], text[:200]
+
+
+def test_the_speed_figure_draws_every_backend_with_its_floor():
+    batches = [1, 8]
+    ran = pd.DataFrame(
+        {f"{k}_b{b}": [10.0 * b, 5.0 * b] for k in ("ms", "q1", "q3") for b in batches},
+        index=["fp32", "int8 weight-only (torchao)"],
+    )
+    floors = pd.DataFrame([{"backend": n, "batch": b, "floor_ms": b, "with_overhead_ms": b + 1}
+                           for n in ran.index for b in (1, 2, 4, 8)])  # fmt: skip
+    compiled = pd.DataFrame({"backend": ["int8 weight-only (torchao)"], "batch": [1],
+                             "tpot_s": [0.004], "tpot_q1_s": [0.003],
+                             "tpot_q3_s": [0.005]})  # fmt: skip
+    fig = plots.quant_speed(ran, floors, batches, compiled)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == list(ran.index)
+    assert len(visible[0].lines) >= 2  # the floor (dashed) and floor + overhead (dotted)
+    styles = {line.get_linestyle() for line in visible[1].lines}
+    assert {"--", ":"} <= styles
+    plt.close(fig)
+
+
+def test_the_outlier_figure_has_three_panels():
+    errors = {"int8 error, per tensor": 0.02, "int8 error, per channel": 0.01}
+    ratios = pd.DataFrame([{"layer": i, "matrix": m, "max / std": 5.0, **errors}
+                           for i in range(3) for m in "ab"])  # fmt: skip
+    fig = plots.outliers(ratios, torch.rand(16), layer=1)
+    assert len(fig.axes) == 3
+    plt.close(fig)
