@@ -214,6 +214,37 @@ def _set_parent_death_signal() -> None:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
+# What a rank runs first, before it imports torch or this module (seconds on a busy machine):
+# a kernel killed in those seconds would otherwise orphan its ranks, which run to the end. The
+# spawned process unpickles its target by name, and `exec` (a builtin) imports nothing: so the
+# rank takes its own process group, sets the parent-death signal, leaves at once if the parent
+# is already gone, and starts a thread that checks the parent every second while it runs (where
+# the signal does not exist, or was lost); only then does it import helpers.tp and run `_worker`.
+_RANK_BOOT = """
+import ctypes, os, signal, sys, threading, time
+if hasattr(os, "setpgid"):
+    os.setpgid(0, 0)
+if sys.platform.startswith("linux"):
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+def _parent_gone():
+    return os.getppid() != parent_pid
+def _watch():
+    while not _parent_gone():
+        time.sleep(1.0)
+    if hasattr(os, "killpg"):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    os._exit(1)
+if _parent_gone():
+    os._exit(1)
+threading.Thread(target=_watch, name="parent-watch", daemon=True).start()
+from helpers.tp import _worker
+_worker(*worker_args)
+"""
+
+
 def _worker(rank, world_size, port, backend, payload, conn) -> None:
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)  # a process group of its own: stopping the group stops what it started
@@ -290,8 +321,12 @@ def _run(procs, payload, world_size, backend, port, timeout):
     try:
         for rank in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, name=f"tp-rank-{rank}", daemon=True,
-                               args=(rank, world_size, port, backend, payload, writer))  # fmt: skip
+            boot = {
+                "parent_pid": os.getpid(),
+                "worker_args": (rank, world_size, port, backend, payload, writer),
+            }
+            proc = ctx.Process(target=exec, name=f"tp-rank-{rank}", daemon=True,
+                               args=(_RANK_BOOT, boot))  # fmt: skip
             procs.append(proc)
             readers.append(reader)
             proc.start()

@@ -5,17 +5,25 @@ defensively (ceilings, the model cache), one line naming the fix at every entry 
 property test throwing random bad values at every public function is test_reliability_props.py.
 """
 
+import contextlib
 import math
+import subprocess
+import sys
+import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 
 from helpers import bench, models, planner, roofline, serving, verdicts
 from helpers.decode import greedy_decode
 from helpers.verdicts import FAILS, HOLDS, NOT_MEASURED
+
+REPO = Path(__file__).resolve().parent.parent
 
 # --- verdicts: never "holds" on evidence that is not there ------------------------------------
 
@@ -355,3 +363,57 @@ def test_a_cuda_model_without_a_gpu_gets_pick_devices_message(monkeypatch):
         models.load_smollm2(device="cuda", source="random")  # AssertionError: not compiled before
     with pytest.raises(RuntimeError, match="CUDA was requested"):
         models.llama_from_config("smollm2-135m", device="CUDA")
+
+
+# --- tensor-parallel ranks never outlive the kernel that launched them -------------------------
+
+SLOW_WORKER = """
+import pathlib, time
+def run(rank, world, folder):
+    pathlib.Path(folder, f"rank{rank}").write_text("running")
+    time.sleep(120)
+"""
+
+
+def rank_processes(parent: psutil.Process) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return [c for c in parent.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+    return []
+
+
+def gone(p: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return p.status() == psutil.STATUS_ZOMBIE
+    return True
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_ranks_end_when_the_launching_kernel_is_killed(tmp_path, when):
+    (tmp_path / "slow_worker.py").write_text(SLOW_WORKER)
+    script = (
+        f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(tmp_path)!r}]\n"
+        "import slow_worker\nfrom helpers import tp\n"
+        f"tp.launch(slow_worker.run, 2, {str(tmp_path)!r}, backend='gloo', timeout=170)\n"
+    )
+    kernel = subprocess.Popen([sys.executable, "-c", script])
+    parent, ranks = psutil.Process(kernel.pid), []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ranks = rank_processes(parent) or ranks
+            started = len(list(tmp_path.glob("rank*"))) == 2
+            if len(ranks) == 2 and (when == "starting" or started):
+                break
+            time.sleep(0.02)
+        assert len(ranks) == 2, "the ranks did not start"
+        kernel.kill()  # as a kernel restart or the OOM killer would, mid-launch
+        kernel.wait()
+        end = time.monotonic() + 15
+        while time.monotonic() < end and not all(gone(r) for r in ranks):
+            time.sleep(0.1)
+        assert all(gone(r) for r in ranks), f"orphaned ranks outlived the kernel ({when})"
+    finally:
+        for r in ranks:
+            with contextlib.suppress(psutil.Error):
+                r.kill()
+        kernel.kill()
