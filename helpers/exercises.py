@@ -31,18 +31,23 @@ def check(
     rtol: float = 0.05,
     unit: str | None = None,
     expected_unit: str | None = None,
+    unit_of: str = "the question's figure",
 ) -> bool:
     """Compare a learner's numeric answer with the expected value, within a relative tolerance.
 
     A learner may state the unit of `answer` (`unit="GB"` or `"GiB"`, any of `BYTE_UNITS`):
     `expected`, given in `expected_unit`, is then converted to it, so a right answer in either
     unit counts. Where the unit changes the answer itself (a budget of "80 GB" read as GiB fits
-    a different batch), give `expected` as {unit: value}, one per reading."""
+    a different batch), give `expected` as {unit: value}, one per reading, and name what the
+    unit belongs to in `unit_of` (e.g. "the budget"): the answer itself is then unitless."""
     if answer is None:
         print(f"⏳ {question}: not answered yet (replace None with your answer)")
         return False
     target = _expected_in(expected, unit, expected_unit)
-    stated = f" {unit}" if unit else ""
+    if isinstance(expected, dict):  # the unit is how the question was read, not the answer's
+        stated = f" (with {unit_of} read as {unit})"
+    else:
+        stated = f" {unit}" if unit else ""
     ok = math.isclose(answer, target, rel_tol=rtol)
     mark = "✅ correct" if ok else f"❌ not yet: expected about {target:.4g}{stated}"
     print(f"{mark} — {question}: you gave {answer:.4g}{stated}")
