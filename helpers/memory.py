@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from helpers import checks
-from helpers.bench import measure
+from helpers.bench import Timing, measure, timed
 from helpers.device import as_device
 from helpers.shapes import format_bytes
 
@@ -235,9 +235,14 @@ class SearchResult:
     tried: list[tuple[int, bool]]  # every size tried, in order, and whether it fit
 
 
-def largest_fitting(trial: Callable[[int], object], start: int = 1, limit: int = 2**16):
+def largest_fitting(
+    trial: Callable[[int], object], start: int = 1, limit: int = 2**16, guess: int | None = None
+):
     """The largest n in [start, limit] for which `trial(n)` fits, assuming bigger never fits
-    better: doubling until the first failure, then bisection between the last fit and it."""
+    better: doubling from `start` until the first failure, then bisection between the last fit
+    and it. With a `guess` (e.g. a formula's prediction) the search starts there and steps away
+    from it by 1, 2, 4 … until it brackets the answer, then bisects: a right guess costs two
+    trials (the guess fits, one more does not), a wrong one a few more."""
     if not callable(trial):
         raise TypeError(f"trial must be a function of the size n, got {trial!r}")
     start = checks.whole("start", start)
@@ -251,21 +256,23 @@ def largest_fitting(trial: Callable[[int], object], start: int = 1, limit: int =
         tried.append((n, ok))
         return ok
 
-    if not attempt(start):
+    n = start if guess is None else min(max(guess, start), limit)
+    good, bad = (n, None) if attempt(n) else (None, n)
+    distance = 1
+    while good is None and guess is not None and bad > start:  # the guess failed: step down
+        n = max(bad - distance, start)
+        good, bad = (n, bad) if attempt(n) else (None, n)
+        distance *= 2
+    if good is None:
         return SearchResult(0, tried)
-    good, bad = start, None
-    while bad is None and good < limit:
-        n = min(good * 2, limit)
-        if attempt(n):
-            good = n
-        else:
-            bad = n
+    distance = 1
+    while bad is None and good < limit:  # step up (doubling without a guess) until one fails
+        n = min(good * 2 if guess is None else good + distance, limit)
+        good, bad = (n, None) if attempt(n) else (good, n)
+        distance *= 2
     while bad is not None and bad - good > 1:
         mid = (good + bad) // 2
-        if attempt(mid):
-            good = mid
-        else:
-            bad = mid
+        good, bad = (mid, bad) if attempt(mid) else (good, mid)
     return SearchResult(good, tried)
 
 
@@ -374,22 +381,72 @@ def peak_added_bytes(
     return peak.increase_bytes
 
 
-def peak_and_time(
-    runs: dict[str, Callable[[], object]], device: torch.device | str = "cpu", repeats: int = 3
+def time_interleaved(
+    runs: dict[str, Callable[[], object]],
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    threads: int | None = None,
 ) -> pd.DataFrame:
-    """For each named function: its time (median and quartiles of `repeats` after a warm-up,
-    `bench.measure`; the `Timing` itself in column `timing`) and the peak of live tensor bytes
-    one run adds (`peak_added_bytes(..., tensors=True)`: exact on a CPU too); `faults`: the
-    minor page faults per run while it was timed (fresh pages the OS mapped in and zeroed)."""
+    """Time the named functions in turn: one untimed warm-up of each, then `repeats` rounds that
+    run each once, so that no variant alone meets a cold allocator or a burst of load on a
+    shared machine. With `threads`, PyTorch's intra-op threads are set to it meanwhile.
+    One row per name: median and quartiles (`Timing.row()`, the `Timing` in `timing`) and
+    `faults`, the minor page faults per timed run (first touches of fresh pages)."""
     device = as_device(device)
+    checks.whole("repeats", repeats)
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or before_threads)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    faults = dict.fromkeys(runs, 0)
+    try:
+        for fn in runs.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                samples[name].append(timed(fn, device)[1])
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+    finally:
+        torch.set_num_threads(before_threads)
     rows = []
-    for name, fn in runs.items():
-        peak = peak_added_bytes(fn, device, tensors=True)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        timing = measure(fn, name=name, warmup=1, repeats=repeats, device=device)
-        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (repeats + 1)
-        rows.append({**timing.row(), "timing": timing, "peak_bytes": peak, "faults": faults})
+    for name, times in samples.items():
+        timing = Timing(name, times)
+        rows.append({**timing.row(), "timing": timing, "faults": faults[name] / repeats})
     return pd.DataFrame(rows).set_index("name")
+
+
+def peak_and_time(
+    runs: dict[str, Callable[[], object]], device: torch.device | str = "cpu", repeats: int = 5
+) -> pd.DataFrame:
+    """For each named function: the peak of live tensor bytes one run adds (`peak_bytes`,
+    `peak_added_bytes(..., tensors=True)`: exact on a CPU too), then all of them timed
+    interleaved (`time_interleaved`: median, quartiles, `timing`, `faults` per run)."""
+    device = as_device(device)
+    peaks = {name: peak_added_bytes(fn, device, tensors=True) for name, fn in runs.items()}
+    table = time_interleaved(runs, device, repeats)
+    table["peak_bytes"] = pd.Series(peaks)
+    return table
+
+
+def first_touch_cost(nbytes: int = 64 * 2**20, repeats: int = 5) -> dict[str, float] | None:
+    """The cost of one page fault, measured: fill a new `nbytes` tensor (its pages are fresh:
+    each first touch faults, and the kernel maps in a zeroed page), then fill it again (the
+    same writes, no faults). Medians over `repeats` new tensors: first_s, again_s, faults (per
+    fill) and per_fault_s = (first_s − again_s) / faults. None where faults cannot be counted."""
+    if not sys.platform.startswith("linux"):
+        return None
+    first, again, faults = [], [], []
+    for _ in range(checks.whole("repeats", repeats)):
+        fresh = torch.empty(nbytes // 4)  # large enough to be its own mapping (glibc, ≥ 32 MiB)
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        first.append(timed(lambda t=fresh: t.fill_(1.0))[1])
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+        again.append(timed(lambda t=fresh: t.fill_(1.0))[1])
+        del fresh
+    row = {"first_s": float(np.median(first)), "again_s": float(np.median(again))}
+    row["faults"] = float(np.median(faults))
+    row["per_fault_s"] = max(row["first_s"] - row["again_s"], 0.0) / max(row["faults"], 1.0)
+    return row
 
 
 # --- What fits, predicted and searched ------------------------------------------------------
@@ -408,7 +465,9 @@ def search_frontier(
 
     A GPU trial runs with this process capped at what it holds + `budget`, so it meets a real
     `torch.OutOfMemoryError`; a CPU trial fails when its measured peak exceeds the budget
-    (`BudgetExceeded`). A trial predicted to need over 1.5 × the budget is not run at all.
+    (`BudgetExceeded`). A trial predicted to need over 1.5 × the budget is not run at all. The
+    search starts at the formula's batch (`largest_fitting(guess=...)`): two real trials when
+    the formula is right, more where it is not; what it finds does not depend on the guess.
     Columns: context, predicted and found batch, tries, and for the found batch the predicted
     and measured bytes."""
     device = as_device(device)
@@ -432,7 +491,7 @@ def search_frontier(
     try:
         for ctx in contexts:
             predicted = max((b for b in range(1, limit + 1) if need(b, ctx) <= budget), default=0)
-            found = largest_fitting(lambda b, c=ctx: trial(b, c), limit=limit)
+            found = largest_fitting(lambda b, c=ctx: trial(b, c), limit=limit, guess=predicted or 1)
             best = (found.largest, ctx)
             rows.append({
                 "context": ctx, "predicted": predicted, "found": found.largest,

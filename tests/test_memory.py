@@ -111,6 +111,17 @@ def test_search_finds_the_exact_boundary_and_frees_everything(capacity):
     assert (capacity, True) in result.tried and (capacity + 1, False) in result.tried
 
 
+@pytest.mark.parametrize("guess", [1, 36, 37, 38, 200, 10_000])
+def test_search_from_a_guess_finds_the_same_boundary(guess):
+    capacity = 37
+    result = memory.largest_fitting(lambda n: FakeDevice(capacity).allocate(n), guess=guess)
+    assert result.largest == capacity
+    assert (capacity, True) in result.tried and (capacity + 1, False) in result.tried
+    if guess == capacity:
+        assert len(result.tried) == 2  # a right guess: it fits, one more does not
+    assert memory.largest_fitting(lambda n: FakeDevice(0).allocate(n), guess=guess).largest == 0
+
+
 def test_search_reports_nothing_fits_and_respects_the_limit():
     assert memory.largest_fitting(lambda n: FakeDevice(0).allocate(n)).largest == 0
     assert memory.largest_fitting(lambda n: None, limit=100).largest == 100
@@ -156,6 +167,31 @@ def test_peak_added_bytes_sees_live_tensors_not_freed_ones():
     two = memory.peak_added_bytes(two_blocks_alive)
     assert 0.9 * size <= one <= 1.2 * size
     assert 1.8 * size <= two <= 2.3 * size
+
+
+def test_time_interleaved_runs_each_variant_every_round_and_restores_threads():
+    order = []
+    threads = torch.get_num_threads()
+    table = memory.time_interleaved(
+        {
+            "a": lambda: order.append(("a", torch.get_num_threads())),
+            "b": lambda: order.append(("b", 0)),
+        },
+        repeats=3,
+        threads=1,
+    )
+    assert [name for name, _ in order] == ["a", "b"] * 4  # a warm-up of each, then 3 rounds
+    assert {n for name, n in order if name == "a"} == {1}
+    assert torch.get_num_threads() == threads
+    assert list(table.index) == ["a", "b"] and (table.repeats == 3).all()
+
+
+def test_first_touch_cost_sees_faults_on_fresh_pages():
+    cost = memory.first_touch_cost(32 * 2**20, repeats=3)
+    if cost is None:
+        pytest.skip("no page-fault count on this platform")
+    assert cost["faults"] >= 32 * 2**20 / (2 * 2**20)  # ≥ 1 per page, 4 KiB or 2 MiB
+    assert cost["first_s"] > 0 and cost["per_fault_s"] >= 0
 
 
 def test_peak_and_time_returns_both_per_run():
@@ -284,3 +320,14 @@ def test_check_accepts_a_stated_unit(capsys):
     with pytest.raises(ValueError, match="unknown unit"):
         check("q", 1.0, 1.0, unit="gigs", expected_unit="GiB")
     assert "expected about 4.295 GB" in capsys.readouterr().out
+
+
+def test_check_says_the_unit_belongs_to_the_budget(capsys):
+    from helpers.exercises import check
+
+    assert check("batch", 30, {"GB": 30, "GiB": 33}, rtol=0, unit="GB", unit_of="the budget")
+    assert not check("batch", 30, {"GB": 30, "GiB": 33}, rtol=0, unit="GiB", unit_of="the budget")
+    out = capsys.readouterr().out
+    assert "you gave 30 (with the budget read as GB)" in out
+    assert "expected about 33 (with the budget read as GiB)" in out
+    assert "30 GB" not in out  # a batch has no unit
