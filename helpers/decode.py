@@ -211,6 +211,7 @@ def _graph_step(model, cache: KVCache, batch: int, device: torch.device):
 
 
 _compiled_decode_one_token = None
+_compiled_shapes: set[tuple[int, int, int]] = set()  # (model, batch, cache length) compiled so far
 
 
 def _compiled_step(model, cache: KVCache):
@@ -241,8 +242,19 @@ def make_step(model, cache: KVCache, batch: int, device: torch.device, compiled:
             step, mode = _compiled_step(model, cache), "compiled"
         else:
             raise RuntimeError(f"no compiled decode path for {device.type} in this course")
+        shape = (id(model), batch, cache.positions.numel())
+        new_shape = device.type == "cpu" and shape not in _compiled_shapes
+        if new_shape:  # a CPU compile takes tens of seconds: say so before it starts
+            print(
+                f"compiling the decode step for batch {batch} × {shape[2]} positions "
+                "(on a CPU the first compile of a shape takes tens of seconds)…",
+                flush=True,
+            )
         step(dummy_token, dummy_pos)
         synchronize(device)
+        _compiled_shapes.add(shape)
+        if new_shape:
+            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
     except Exception as err:  # any compiler/capture failure: say so, then run eager
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         warnings.warn(

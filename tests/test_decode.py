@@ -178,3 +178,15 @@ def test_the_rotation_equals_transformers_bit_for_bit(tiny_llama, dtype):
     expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
     assert torch.equal(decode.rotate(q, *tables), expected_q)
     assert torch.equal(decode.rotate(k, *tables), expected_k)
+
+
+def test_a_cpu_compile_says_so_before_it_starts_once_per_shape(tiny_llama, capsys):
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    decode.greedy_decode(tiny_llama, ids, 4, compiled=True)
+    first = capsys.readouterr().out
+    decode.greedy_decode(tiny_llama, ids, 4, compiled=True)
+    again = capsys.readouterr().out
+    if "compile failed" in decode.greedy_decode(tiny_llama, ids, 4, compiled=True).mode:
+        pytest.skip("no compiler here")
+    assert "compiling the decode step for batch 1 × 7 positions" in first and "compiled in" in first
+    assert again == ""
