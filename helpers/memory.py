@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import resource
 import sys
 import weakref
@@ -27,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from helpers import checks
 from helpers.bench import Timing, measure, timed
-from helpers.device import as_device
+from helpers.device import as_device, streamed_size
 from helpers.shapes import format_bytes
 
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -587,6 +588,25 @@ def copy_beside_compute(device: torch.device | str, nbytes: int = 64 * 2**20, n:
     )
 
 
+def copy_sweep(device: torch.device | str = "cpu", repeats: int = 15) -> pd.DataFrame:
+    """Copy bandwidth (read + write) against buffer size: ×4 steps from 256 KiB up to buffers
+    that together pass twice the last-level cache (`device.streamed_size`), each buffer exactly
+    that size, so the small ones copy within a cache. Rows as `roofline.measure_copy`: size,
+    ceiling ("copy"), value (B/s, from the median) and low / high (from the quartiles)."""
+    device = as_device(device)
+    top = streamed_size(device, 64 * 2**20, buffers=2)[0]
+    sizes = [n for n in (256 * 2**10 * 4**i for i in range(8)) if n < top] + [top]
+    rows = []
+    for nbytes in sizes:
+        src = torch.ones(nbytes // 4, device=device)
+        dst = torch.zeros_like(src)
+        t = measure(lambda d=dst, s=src: d.copy_(s), repeats=repeats, device=device)
+        rows.append({"size": nbytes, "ceiling": "copy", "value": 2 * nbytes / t.median,
+                     "low": 2 * nbytes / t.q3, "high": 2 * nbytes / t.q1})  # fmt: skip
+        del src, dst
+    return pd.DataFrame(rows)
+
+
 def bandwidth_at(transfers: pd.DataFrame, ceiling: str, size: int):
     """(GB/s, (low, high) GB/s) of one measured ceiling at one buffer size, from rows of
     `roofline.measure_host_device` / `measure_copy`; (NaN, None) where it was not measured."""
@@ -627,6 +647,21 @@ def _walk(events):
         yield from _walk(event.children)
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """The profiler's C++ side prints a line to file descriptor 2 when it starts and stops
+    (torch 2.13's kineto): nothing a learner can act on, so it goes to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def live_at_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -> AllocationPeak:
     """Run `fn()` under `torch.profiler` (profile_memory=True) and replay its allocations and
     frees in order: the peak of bytes live (only blocks allocated inside `fn` count) and, at that
@@ -636,7 +671,7 @@ def live_at_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -
     from torch._C._profiler import _EventType  # the profiler's event tree (torch ≥ 2.1)
     from torch.profiler import profile
 
-    with profile(profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(profile_memory=True) as prof:
         fn()
     roots = prof.profiler.kineto_results.experimental_event_tree()
     events = list(_walk(roots))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from helpers import memory, shapes
+from helpers.device import streamed_size
 
 
 def test_weight_bytes_of_a_linear_layer():
@@ -331,3 +332,11 @@ def test_check_says_the_unit_belongs_to_the_budget(capsys):
     assert "you gave 30 (with the budget read as GB)" in out
     assert "expected about 33 (with the budget read as GiB)" in out
     assert "30 GB" not in out  # a batch has no unit
+
+
+def test_copy_sweep_reaches_past_the_last_level_cache():
+    sweep = memory.copy_sweep(repeats=2)
+    assert sweep["size"].iloc[0] == 256 * 2**10 and sweep["size"].is_monotonic_increasing
+    top = streamed_size("cpu", 64 * 2**20, buffers=2)[0]
+    assert sweep["size"].iloc[-1] == top and (sweep.value > 0).all()
+    assert set(sweep.ceiling) == {"copy"}
