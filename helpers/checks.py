@@ -54,4 +54,9 @@ def names(name: str, values, allowed: Iterable[str]) -> tuple[str, ...]:
     """A collection of labels; a lone string is refused (it would be iterated letter by letter)."""
     if isinstance(values, str):
         raise TypeError(f"{name} must be a list of names, e.g. {name}=({values!r},), not a string")
-    return tuple(choice(name, v, allowed) for v in values)
+    if isinstance(values, dict) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a list of names, got {values!r}")
+    out = tuple(choice(name, v, allowed) for v in values)
+    if not out:
+        raise ValueError(f"{name} is empty: give at least one of {sorted(allowed)}")
+    return out

@@ -100,27 +100,38 @@ class KVBudgetError(ValueError):
 
 
 class BlockAllocator:
-    """A free list of block ids, with counts to prove that nothing leaks."""
+    """A free list of block ids, with counts to prove that nothing leaks.
+
+    Ids never used yet are handed out in order from a counter (a simulated budget of 10⁹ blocks
+    costs nothing), then the returned ones in the order they came back."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.free_ids = deque(range(num_blocks))
+        self._unused = 0  # ids below this were handed out at least once
+        self._returned: deque[int] = deque()
         self.allocated = self.freed = self.peak = 0
 
     @property
+    def free(self) -> int:
+        return self.num_blocks - self._unused + len(self._returned)
+
+    @property
     def in_use(self) -> int:
-        return self.num_blocks - len(self.free_ids)
+        return self.num_blocks - self.free
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self.free_ids):
-            raise KVBudgetError(f"asked for {n} KV blocks, {len(self.free_ids)} free")
-        ids = [self.free_ids.popleft() for _ in range(n)]
+        if n > self.free:
+            raise KVBudgetError(f"asked for {n} KV blocks, {self.free} free")
+        fresh = min(n, self.num_blocks - self._unused)
+        ids = list(range(self._unused, self._unused + fresh))
+        self._unused += fresh
+        ids += [self._returned.popleft() for _ in range(n - fresh)]
         self.allocated += n
         self.peak = max(self.peak, self.in_use)
         return ids
 
-    def free(self, ids: list[int]) -> None:
-        self.free_ids.extend(ids)
+    def release(self, ids: list[int]) -> None:
+        self._returned.extend(ids)
         self.freed += len(ids)
 
 
@@ -159,6 +170,12 @@ class PagedKVCache:
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks of `block_size` slots that `tokens` positions take (the last one partly filled)."""
+    return _blocks_for(checks.whole("tokens", tokens, minimum=0),
+                       checks.whole("block_size", block_size))  # fmt: skip
+
+
+def _blocks_for(tokens: int, block_size: int) -> int:  # unchecked: the engine's hot path
     return -(-tokens // block_size)
 
 
@@ -260,8 +277,8 @@ class _Engine:
     def _grow(self, seq: _Seq, upto: int) -> bool:
         """Give `seq` blocks for `upto` positions, preempting the youngest if none are free;
         False if `seq` itself had to be preempted."""
-        need = blocks_for(upto, self.block_size) - len(seq.table)
-        while need > len(self.alloc.free_ids):
+        need = _blocks_for(upto, self.block_size) - len(seq.table)
+        while need > self.alloc.free:
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
@@ -272,31 +289,31 @@ class _Engine:
     def _preempt(self, seq: _Seq) -> None:
         self.running.remove(seq)
         self.preempted.add(id(seq))
-        self.alloc.free(seq.table)
+        self.alloc.release(seq.table)
         seq.table, seq.cached = [], 0
         seq.preemptions += 1
         self.waiting.appendleft(seq)
 
     def _retire(self, seq: _Seq) -> None:
         self.running.remove(seq)
-        self.alloc.free(seq.table)
+        self.alloc.release(seq.table)
         seq.table = []
 
     # -- scheduling ----------------------------------------------------------------------
     def _admit(self, now: float) -> None:
-        free = len(self.alloc.free_ids)
+        free = self.alloc.free
         if self.policy == "static":
             if self.running:
                 return
             while self.waiting and len(self.running) < self.max_batch:
-                need = blocks_for(self.waiting[0].need_slots(), self.block_size)
+                need = _blocks_for(self.waiting[0].need_slots(), self.block_size)
                 if need > free:  # a static batch reserves its whole length up front
                     break
                 free -= need
                 self._start(self.waiting.popleft(), now)
             return
         while self.waiting and len(self.running) < self.max_batch:
-            need = blocks_for(len(self.waiting[0].tokens), self.block_size)
+            need = _blocks_for(len(self.waiting[0].tokens), self.block_size)
             if need > free:
                 break
             free -= need
@@ -438,7 +455,7 @@ def run(
     seqs = [_Seq(i, r, r.prompt_ids.tolist(), r.prompt_ids.numel()) for i, r in enumerate(requests)]
     errors = {}
     for s in seqs:
-        need = blocks_for(s.need_slots(), block_size)
+        need = _blocks_for(s.need_slots(), block_size)
         if need > kv_blocks:
             errors[s.index] = (
                 f"needs {need} KV blocks ({s.need_slots()} positions in blocks of {block_size}) "
@@ -574,8 +591,8 @@ def _results(seqs, errors, engine, block_size, simulated) -> pd.DataFrame:
 def _served(df, what: str) -> pd.DataFrame:
     """The served rows of `run`'s result; a run that served nothing says so instead of NaN."""
     if not isinstance(df, pd.DataFrame) or not {"error", "finish_s"} <= set(df.columns):
-        raise TypeError(f"{what} takes the table serving.run returns (one row per request), "
-                        f"got {type(df).__name__}")  # fmt: skip
+        raise TypeError(f"df must be the table serving.run returns (one row per request) for "
+                        f"{what}, got {type(df).__name__}")  # fmt: skip
     ok = df[df.error == ""]
     if ok.empty:
         first = next((e for e in df.error if e), "")
@@ -652,7 +669,9 @@ def kv_usage(df: pd.DataFrame, max_len: int | None = None) -> dict:
     held = {"paged": float((steps.blocks_in_use * size * w).sum()),
             "contiguous, prompt + max_new": float((steps.reserved_tokens * w).sum())}  # fmt: skip
     if max_len is not None:
-        held[f"contiguous, max length {max_len}"] = float((steps.running * max_len * w).sum())
+        held[f"contiguous, max length {max_len}"] = float(
+            (steps.running * float(max_len) * w).sum()
+        )
     return {"stored": stored, **{k: {"held": v, "waste": 1 - stored / v} for k, v in held.items()}}
 
 
@@ -732,6 +751,8 @@ def planner_step_time(model, gpu, dtype: str = "bf16", tp: int = 1) -> Callable[
 def published_lengths(trace: str = "azure-conv-2023") -> pd.DataFrame:
     """Percentiles of prompt and output lengths of a published trace (data/published_serving.csv):
     columns percentile, prompt_tokens, output_tokens."""
+    if not isinstance(trace, str):
+        raise TypeError(f"trace must be a source name such as 'azure-conv-2023', got {trace!r}")
     t = pd.read_csv(DATA_DIR / "published_serving.csv")
     t = t[(t.source == trace) & t.metric.isin(["prompt_tokens", "output_tokens"])]
     if t.empty:
@@ -752,6 +773,9 @@ def poisson_trace(
     scale = checks.positive("scale", scale)
     seed = checks.whole("seed", seed, minimum=0)
     vocab = checks.whole("vocab", vocab, minimum=2)
+    for name, value in (("seed", seed), ("vocab", vocab)):
+        if value >= 2**63:
+            raise ValueError(f"{name} must be below 2**63, got {value}")
     max_prompt = None if max_prompt is None else checks.whole("max_prompt", max_prompt)
     max_output = None if max_output is None else checks.whole("max_output", max_output)
     rng = np.random.default_rng(seed)

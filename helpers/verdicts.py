@@ -258,6 +258,9 @@ def ms(median_s: float, q1_s: float | None = None, q3_s: float | None = None) ->
 
 def row(claim: str, evidence: str, decision: Decision | tuple[str, str]) -> dict[str, str]:
     """One table row: the claim, this run's numbers (formatted by the caller), rule and verdict."""
+    for name, text in (("claim", claim), ("evidence", evidence)):
+        if not isinstance(text, str):
+            raise TypeError(f"{name} must be text (a str), got {text!r}: format the numbers first")
     verdict, rule = _decision(decision)
     return dict(zip(COLUMNS, (claim, evidence, rule, verdict), strict=True))
 
@@ -267,9 +270,19 @@ class VerdictTable:
     wrapped plain text elsewhere. `frame` holds the rows as a DataFrame (for checks and CSV)."""
 
     def __init__(self, rows: Sequence[dict[str, str] | Sequence[str]]):
-        records = [[r[c] for c in COLUMNS] if isinstance(r, dict) else list(r) for r in rows]
-        if any(len(r) != len(COLUMNS) for r in records):
-            raise ValueError(f"each row needs {len(COLUMNS)} fields: {', '.join(COLUMNS)}")
+        if isinstance(rows, str | dict) or not hasattr(rows, "__iter__"):
+            raise TypeError(f"rows must be a list of verdicts.row(...) rows, got {rows!r}")
+        records = []
+        for i, r in enumerate(rows):
+            if isinstance(r, dict) and set(COLUMNS) <= set(r):
+                records.append([r[c] for c in COLUMNS])
+            elif isinstance(r, list | tuple) and len(r) == len(COLUMNS):
+                records.append(list(r))
+            else:
+                raise ValueError(
+                    f"rows[{i}] is {r!r}: each row needs {len(COLUMNS)} fields, "
+                    f"{', '.join(COLUMNS)} (make it with verdicts.row)"
+                )
         self.frame = pd.DataFrame(records, columns=COLUMNS)
 
     def _repr_mimebundle_(self, include=None, exclude=None):
