@@ -97,6 +97,19 @@ def test_request_peak_known_answers():
     assert nb.request_peak_bytes(smollm2, 2, 512, 4, 1, 2) == kv + layer  # last only: a layer
 
 
+def test_growing_cache_prediction_known_answers():
+    """Section 5: growing from P to P + N tokens copies Σ 2(t + 1) tokens' bytes (read + write),
+    N(N + 1) from an empty cache; the extra time adds one fault per fresh page."""
+    for prompt, new in [(0, 1), (0, 32), (96, 32), (7, 5)]:
+        by_steps = sum(2 * (t + 1) for t in range(prompt, prompt + new))
+        assert nb.growing_copied_bytes(1, prompt, new) == by_steps
+    assert nb.growing_copied_bytes(3, 0, 10) == 10 * 11 * 3
+    assert nb.growing_copied_bytes(23_040, 96, 32) == 32 * 225 * 23_040  # SmolLM2, 16-bit
+    assert nb.growing_extra_s(8e9, 8e9, 0, 1e-6) == pytest.approx(1.0)  # copies only
+    assert nb.growing_extra_s(0, 8e9, 1000, 2e-6) == pytest.approx(2e-3)  # faults only
+    assert nb.growing_extra_s(4e9, 8e9, 500, 1e-6) == pytest.approx(0.5 + 5e-4)
+
+
 def test_generate_scores_only_the_last_prompt_position(tiny_llama):
     """The notebook says transformers' `generate` keeps the last position's logits at prefill
     (transformers 5); a plain forward pass scores every position."""
