@@ -312,12 +312,15 @@ def reconcile(rows: dict[str, tuple[float | None, float]]) -> pd.DataFrame:
 
 
 def readable(frame: pd.DataFrame, byte_columns=("predicted", "measured")) -> pd.DataFrame:
-    """`frame` with its byte columns formatted ('1.5 MiB'; missing values as '—')."""
+    """`frame` with its byte columns formatted ('1.5 MiB'; missing values as '—') and a column
+    `error` (measured / predicted − 1) as a signed percentage."""
     formatted = {
         c: frame[c].map(lambda v: "—" if pd.isna(v) else format_bytes(v))
         for c in byte_columns
         if c in frame
     }
+    if "error" in frame:
+        formatted["error"] = frame.error.map(lambda v: "—" if pd.isna(v) else f"{v:+.1%}")
     return frame.assign(**formatted).round(3)
 
 

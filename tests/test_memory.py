@@ -151,6 +151,7 @@ def test_reconcile_computes_the_error_and_readable_formats_bytes():
     shown = memory.readable(table)
     assert shown.loc["runtime", "predicted"] == "—"
     assert shown.loc["runtime", "measured"] == "10.0 MiB"
+    assert shown.loc["weights", "error"] == "+25.0%" and shown.loc["runtime", "error"] == "—"
 
 
 def test_peak_added_bytes_sees_live_tensors_not_freed_ones():
