@@ -30,25 +30,29 @@ def test_the_categories_add_up_to_the_profiled_step():
     assert ops.calls[ops.op == "aten::mm"].item() == 1  # per call of the function
 
 
-def _spin(seconds):
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+def _spin(seconds) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() < start + seconds:
         pass
+    return time.perf_counter() - start  # ≥ seconds: longer if the process was preempted
 
 
 def test_the_time_between_ops_recovers_a_planted_per_op_cost():
-    x, planted, n = torch.zeros(1), 300e-6, 40
+    x, planted, n, spun = torch.zeros(1), 300e-6, 40, []
 
-    def loop():  # n tiny ops, each after `planted` seconds of Python
+    def loop():  # n tiny ops, each after `planted` seconds (at least) of Python
         for _ in range(n):
-            _spin(planted)
+            spun.append(_spin(planted))
             x.add_(1.0)
 
-    parts = profile.breakdown(profile.op_table(loop, repeats=3)).set_index("category")
+    ops = profile.op_table(loop, repeats=3, warmup=0)
+    parts = profile.breakdown(ops).set_index("category")
     per_op = parts.measured_s[profile.PYTHON] / parts.calls[profile.PYTHON]
+    profiled_spin = sum(spun[-3 * n :]) / (3 * n)  # what was really planted in the profiled runs
     base = profile.per_op_costs()["python_s"]
     assert parts.calls[profile.PYTHON] == n
-    assert per_op - base == pytest.approx(planted, rel=0.2)
+    assert per_op - base == pytest.approx(profiled_spin, rel=0.2)
+    assert profiled_spin >= planted
 
 
 def test_decode_prediction_counts_bytes_rates_and_ops():
