@@ -3,8 +3,9 @@ model holds, and an out-of-memory-safe search. The formulas of what serving need
 `helpers.shapes` (and written out in notebook 02).
 
 Each reading a notebook needs is one call that works on a CPU and a GPU alike (`in_use_bytes`,
-`runtime_bytes`, `peak_added_bytes`, `peak_and_time`, `search_frontier`, `allocator_view`,
-`allocator_timeline`), so the notebook's cells hold the idea and not the device plumbing."""
+`runtime_bytes`, `peak_added_bytes`, `peak_and_time`, `time_interleaved`, `search_frontier`,
+`allocator_view`, `allocator_timeline`, `copy_sweep`), so the notebook's cells hold the idea and
+not the device plumbing; `first_touch_cost` times one page fault (CPU)."""
 
 from __future__ import annotations
 
@@ -385,6 +386,17 @@ def peak_added_bytes(
     return peak.increase_bytes
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """PyTorch's intra-op threads set to `n` inside (unchanged for None), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def time_interleaved(
     runs: dict[str, Callable[[], object]],
     device: torch.device | str = "cpu",
@@ -398,11 +410,9 @@ def time_interleaved(
     `faults`, the minor page faults per timed run (first touches of fresh pages)."""
     device = as_device(device)
     checks.whole("repeats", repeats)
-    before_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or before_threads)
     samples: dict[str, list[float]] = {name: [] for name in runs}
     faults = dict.fromkeys(runs, 0)
-    try:
+    with _threads(threads):
         for fn in runs.values():
             fn()
         for _ in range(repeats):
@@ -410,8 +420,6 @@ def time_interleaved(
                 start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 samples[name].append(timed(fn, device)[1])
                 faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
-    finally:
-        torch.set_num_threads(before_threads)
     rows = []
     for name, times in samples.items():
         timing = Timing(name, times)
@@ -423,10 +431,13 @@ def peak_and_time(
     runs: dict[str, Callable[[], object]], device: torch.device | str = "cpu", repeats: int = 5
 ) -> pd.DataFrame:
     """For each named function: the peak of live tensor bytes one run adds (`peak_bytes`,
-    `peak_added_bytes(..., tensors=True)`: exact on a CPU too), then all of them timed
-    interleaved (`time_interleaved`: median, quartiles, `timing`, `faults` per run)."""
+    `peak_added_bytes(..., tensors=True)`: exact on a CPU too; counted on one thread, which
+    holds the same tensors and, op by op, runs faster on a shared machine), then all of them
+    timed interleaved on the threads set (`time_interleaved`: median, quartiles, `timing`,
+    `faults` per run)."""
     device = as_device(device)
-    peaks = {name: peak_added_bytes(fn, device, tensors=True) for name, fn in runs.items()}
+    with _threads(1):
+        peaks = {name: peak_added_bytes(fn, device, tensors=True) for name, fn in runs.items()}
     table = time_interleaved(runs, device, repeats)
     table["peak_bytes"] = pd.Series(peaks)
     return table
