@@ -161,13 +161,14 @@ def per_op_costs(device=None, ops: int = 300, repeats: int = 3) -> dict[str, flo
 
 
 def decode_read_bytes(model) -> int:
-    """Bytes one decode step reads for its weights: every parameter once, except that an
-    embedding table not shared with the output layer is read one row per token (a gather)."""
+    """Bytes one decode step reads for its weights: every parameter and buffer once (the course's
+    int8/int4 linears keep their weights in buffers), except that an embedding table not shared
+    with the output layer is read one row per token (a gather)."""
     embed = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     tied = out is not None and getattr(out, "weight", None) is embed
     table = 0 if tied else embed.numel() * embed.element_size()
-    return weight_bytes(model) - table
+    return weight_bytes(model, include_buffers=True) - table  # quantized weights can be buffers
 
 
 def decode_step_ops(model, batch: int = 1, context: int = 64, repeats: int = 4) -> pd.DataFrame:

@@ -79,7 +79,8 @@ def test_decode_reads_one_embedding_row_unless_the_table_is_the_output_layer():
     model = overhead.tiny_llama(1, "cpu")
     table = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is table
-    all_bytes = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    all_bytes = sum(t.numel() * t.element_size() for t in tensors)
     expected = all_bytes if tied else all_bytes - table.numel() * 4
     assert profile.decode_read_bytes(model) == expected
 
