@@ -15,6 +15,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 BUILD_DIR = REPO_ROOT / "build"
 
+# torch.compile on a CPU would start a pool of compiler processes (~0.4 GB more under Binder's
+# 2 GB cap, counted in a notebook's process tree); compile in the process that asked instead.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 if os.environ.get("COURSE_QUIET") == "1":  # a child of a quieted process: quiet it too (noise.py)
     from helpers import noise
 

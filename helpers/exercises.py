@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 # Bytes in one of each unit a learner may state: SI (powers of 10) and binary (powers of 2).
 BYTE_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
@@ -43,6 +44,7 @@ def check(
     if answer is None:
         print(f"⏳ {question}: not answered yet (replace None with your answer)")
         return False
+    answer = _number(question, answer, unit)
     target = _expected_in(expected, unit, expected_unit)
     if isinstance(expected, dict):  # the unit is how the question was read, not the answer's
         stated = f" (with {unit_of} read as {unit})"
@@ -52,3 +54,17 @@ def check(
     mark = "✅ correct" if ok else f"❌ not yet: expected about {target:.4g}{stated}"
     print(f"{mark} — {question}: you gave {answer:.4g}{stated}")
     return ok
+
+
+def _number(question: str, answer, unit: str | None) -> float:
+    """The answer as a float: a plain number, or a one-element array or tensor (`.item()`)."""
+    size = answer.numel() if hasattr(answer, "numel") else getattr(answer, "size", None)
+    if size == 1 and hasattr(answer, "item"):  # a NumPy or torch scalar in an array
+        answer = answer.item()
+    if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
+        how = f"in {unit}" if unit else "with its unit given as unit=..., e.g. unit='GB'"
+        raise TypeError(
+            f"{question}: the answer must be one number ({how}), got {type(answer).__name__} "
+            f"{answer!r:.60}"
+        )
+    return float(answer)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import os
 import resource
 import sys
 import weakref
@@ -30,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 from helpers import checks
 from helpers.bench import Timing, measure, timed
 from helpers.device import as_device, streamed_size
+from helpers.noise import quiet_native_stderr
 from helpers.shapes import format_bytes
 
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -189,6 +189,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def weight_bytes(model: torch.nn.Module, include_buffers: bool = False) -> int:
     """Bytes of the model's parameters (and buffers), quantized or not; shared (tied) tensors
     are counted once, and torch.ao's packed weights, which live outside `parameters()`, too."""
+    model = _module("model", model)
     tensors = list(model.parameters()) + (list(model.buffers()) if include_buffers else [])
     total = sum(tensor_bytes(t) for t in {id(t): t for t in tensors}.values())
     for module in model.modules():
@@ -200,7 +201,20 @@ def weight_bytes(model: torch.nn.Module, include_buffers: bool = False) -> int:
 
 
 def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in _module("model", model).parameters())
+
+
+def _module(name: str, value) -> torch.nn.Module:
+    """`value` if it is a torch module; a loaded model's wrapper (e.g. what
+    `models.load_smollm2` returns) is refused naming its `.model`."""
+    if isinstance(value, torch.nn.Module):
+        return value
+    if isinstance(getattr(value, "model", None), torch.nn.Module):
+        raise TypeError(
+            f"{name} is a {type(value).__name__}, not the model itself: pass its .model "
+            f"(e.g. memory.weight_bytes(loaded.model))"
+        )
+    raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
 
 
 # --- What fits: an out-of-memory-safe search ------------------------------------------------
@@ -221,9 +235,18 @@ def release_freed_memory() -> None:
 
 
 def fits(trial: Callable[[int], object], n: int) -> bool:
-    """Run `trial(n)`; False if it ran out of memory (GPU OOM, MemoryError, BudgetExceeded)."""
+    """Run `trial(n)`; False if it ran out of memory (GPU OOM, MemoryError, BudgetExceeded).
+
+    A trial says "does not fit" by raising, never by its return value (what it returns when it
+    fits is ignored): one that returns False is refused, since the search would read it as a fit."""
     try:
-        trial(n)
+        result = trial(n)
+        if isinstance(result, bool | np.bool_) and not result:
+            raise TypeError(
+                f"trial({n}) returned {result!r}: a trial signals 'does not fit' by raising "
+                "(MemoryError, memory.BudgetExceeded or torch.OutOfMemoryError) and returns "
+                "nothing when it fits"
+            )
         return True
     except (torch.OutOfMemoryError, MemoryError):
         return False  # the exception (and the frames holding its tensors) is dropped here
@@ -661,21 +684,6 @@ def _walk(events):
         yield from _walk(event.children)
 
 
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """The profiler's C++ side prints a line to file descriptor 2 when it starts and stops
-    (torch 2.13's kineto): nothing a learner can act on, so it goes to /dev/null meanwhile."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def live_at_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -> AllocationPeak:
     """Run `fn()` under `torch.profiler` (profile_memory=True) and replay its allocations and
     frees in order: the peak of bytes live (only blocks allocated inside `fn` count) and, at that
@@ -685,7 +693,7 @@ def live_at_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -
     from torch._C._profiler import _EventType  # the profiler's event tree (torch ≥ 2.1)
     from torch.profiler import profile
 
-    with _quiet_native_stderr(), profile(profile_memory=True) as prof:
+    with quiet_native_stderr(), profile(profile_memory=True) as prof:
         fn()
     roots = prof.profiler.kineto_results.experimental_event_tree()
     events = list(_walk(roots))

@@ -7,6 +7,7 @@ with it set (e.g. the tensor-parallel ranks, spawned fresh by torch.multiprocess
 torch or torchao is imported there.
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -59,3 +60,19 @@ def quiet() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """`torch.profiler`'s C++ side (torch 2.13's kineto) prints a line to file descriptor 2 when
+    a profile starts and stops: nothing a learner can act on, so fd 2 goes to /dev/null while the
+    profile runs (Python's own errors still raise and show)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -16,10 +16,7 @@ between operations).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import sys
 import time
 from collections.abc import Callable
 
@@ -31,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from helpers.bench import synchronize
 from helpers.decode import KVCache, decode_one_token
 from helpers.memory import weight_bytes
+from helpers.noise import quiet_native_stderr
 from helpers.shapes import Shape
 
 CPU = ProfilerActivity.CPU
@@ -87,7 +85,7 @@ def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory
         plain.append(time.perf_counter() - start)
     on_gpu = torch.device(device or "cpu").type == "cuda"
     activities = [CPU, ProfilerActivity.CUDA] if on_gpu else [CPU]
-    with _quiet_native_stderr(), profile(activities=activities, profile_memory=memory) as prof:
+    with quiet_native_stderr(), profile(activities=activities, profile_memory=memory) as prof:
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -110,21 +108,6 @@ def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory
     table = table.sort_values("self_s", ascending=False, ignore_index=True)
     table.attrs.update(profiled_s=profiled_s, wall_s=float(np.median(plain)))
     return table
-
-
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """The profiler's C++ side prints a line to file descriptor 2 when it starts and stops
-    (torch 2.13's kineto); nothing a learner can act on, so it goes to /dev/null meanwhile."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def breakdown(ops: pd.DataFrame) -> pd.DataFrame:

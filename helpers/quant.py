@@ -55,7 +55,8 @@ def _groups(w: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
         return w.reshape(rows, 1, cols)
     group_size = checks.whole("group_size", group_size)
     if cols % group_size:
-        divisors = [d for d in (16, 32, 64, 128, 256) if cols % d == 0] or [cols]
+        # groups the packed int4 kernel also runs first (INT4_KERNEL_GROUPS), then smaller ones
+        divisors = [d for d in (32, 64, 128, 256, 16, 8) if cols % d == 0] or [cols]
         raise ValueError(
             f"group_size {group_size} does not divide the {cols} columns; use e.g. {divisors}"
         )
@@ -172,15 +173,38 @@ def capture_input(model, module: torch.nn.Module, input_ids: torch.Tensor) -> to
 # --- Quantized linears: a readable path everywhere, PyTorch's packed kernels where they exist --
 
 
-def _use_kernel(packed: bool | None, device: torch.device, op_name: str) -> bool:
-    """Whether a layer runs PyTorch's packed CPU kernel `op_name` (None: wherever it exists)."""
+# What PyTorch's packed CPU kernels accept (torch 2.13): `_weight_int8pack_mm` crashes the
+# process (a segmentation fault, no Python error) when in_features is not a multiple of 16;
+# `_weight_int4pack_mm_for_cpu` needs out_features divisible by 16 and a group of 32–256.
+INT8_KERNEL_MULTIPLE = 16
+INT4_KERNEL_MULTIPLE = 16
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def _use_kernel(packed: bool | None, device: torch.device, op_name: str, unfit: str = "") -> bool:
+    """Whether a layer runs PyTorch's packed CPU kernel `op_name` (None: wherever it exists and
+    the layer's shape suits it; `unfit` says why the shape does not, "" when it does)."""
     available = device.type == "cpu" and hasattr(torch, op_name)
     if packed and not available:
         raise ValueError(
             f"packed=True needs torch.{op_name} on a CPU tensor (this is {device.type}); "
             "pass packed=None to dequantize then matmul where the kernel is missing"
         )
-    return available if packed is None else bool(packed)
+    if packed and unfit:
+        raise ValueError(f"packed=True: torch.{op_name} {unfit}; pass packed=None to dequantize "
+                         "then matmul for this shape")  # fmt: skip
+    return (available and not unfit) if packed is None else bool(packed)
+
+
+def _path(packed: bool, unfit: str) -> str:
+    if packed:
+        return "packed kernel"
+    return f"dequantize then matmul ({unfit})" if unfit else "dequantize then matmul"
+
+
+def int4_group_sizes(in_features: int) -> list[int]:
+    """Group sizes the packed int4 kernel runs that divide `in_features` (the ones to suggest)."""
+    return [g for g in INT4_KERNEL_GROUPS if in_features % g == 0]
 
 
 class Int8WeightOnlyLinear(torch.nn.Module):
@@ -197,8 +221,11 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         self.register_buffer("weight_int8", q.reshape(linear.weight.shape).to(torch.int8))
         self.register_buffer("scale", scale.reshape(-1).to(compute_dtype))  # (out,)
         self.bias = linear.bias
-        self.packed = _use_kernel(packed, linear.weight.device, "_weight_int8pack_mm")
-        self.path = "packed kernel" if self.packed else "dequantize then matmul"
+        in_f = linear.weight.shape[1]
+        unfit = (f"needs in_features divisible by {INT8_KERNEL_MULTIPLE}, got {in_f}"
+                 if in_f % INT8_KERNEL_MULTIPLE else "")  # fmt: skip
+        self.packed = _use_kernel(packed, linear.weight.device, "_weight_int8pack_mm", unfit)
+        self.path = _path(self.packed, unfit)
 
     def dequantized_weight(self) -> torch.Tensor:
         """ŵ (out, in) = q · scale, in the compute dtype: the values this layer multiplies by."""
@@ -232,8 +259,11 @@ class Int4WeightOnlyLinear(torch.nn.Module):
                                   group_size=group_size, symmetric=False)  # fmt: skip
         q = q.reshape(out_f, in_f).to(torch.int32)  # (out, in), values 0 … 15
         self.group_size = group_size
-        self.packed = _use_kernel(packed, linear.weight.device, "_weight_int4pack_mm_for_cpu")
-        self.path = "packed kernel" if self.packed else "dequantize then matmul"
+        unfit = _int4_unfit(out_f, in_f, group_size)
+        self.packed = _use_kernel(
+            packed, linear.weight.device, "_weight_int4pack_mm_for_cpu", unfit
+        )
+        self.path = _path(self.packed, unfit)
         if self.packed:
             weight = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         else:
@@ -265,6 +295,16 @@ class Int4WeightOnlyLinear(torch.nn.Module):
             y = flat @ self.dequantized_weight().T  # (tokens, in) · (in, out)
         y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+def _int4_unfit(out_f: int, in_f: int, group_size: int) -> str:
+    if out_f % INT4_KERNEL_MULTIPLE:
+        return f"needs out_features divisible by {INT4_KERNEL_MULTIPLE}, got {out_f}"
+    if group_size not in INT4_KERNEL_GROUPS:
+        fits = int4_group_sizes(in_f)
+        return (f"runs groups of {', '.join(map(str, INT4_KERNEL_GROUPS))}, not {group_size}"
+                + (f" (for {in_f} columns: group_size={fits[-1]})" if fits else ""))  # fmt: skip
+    return ""
 
 
 def replace_linears(
@@ -564,8 +604,9 @@ def measure_backends(
     single backend's, not their sum.
     """
     device = as_device(device)
+    names = checks.names("names", names, BACKENDS) if names is not None else list(BACKENDS)
     shape, reference, rows = None, None, []
-    for name in names or list(BACKENDS):
+    for name in names:  # every name checked above, before the first (slow) measurement
         release_freed_memory()  # the previous backend, before measuring this one
         with PeakMemory(device) as peak:
             model, note = load_backend(name, load, device)

@@ -259,23 +259,34 @@ def measure_copy(device: torch.device, nbytes: int, repeats: int) -> dict:
 def read_sweep(device, sizes: list[int], repeats: int = 7) -> pd.DataFrame:
     """Read bandwidth against buffer size, for the L2 → L3 → memory staircase.
 
-    Each size sums one buffer of that many bytes; the time of summing a one-element tensor
-    (the cost of calling the operation at all) is subtracted first, so small buffers show the
-    cache's speed rather than the call's. Sizes beyond `STREAM_CAP_BYTES` are left out."""
+    Each size n is timed summing a buffer of n bytes and one of n/2 bytes, each over enough
+    calls in a row to read ≥ 4 MiB per sample; the bandwidth is (n/2) ÷ the difference of the two
+    times per call. Whatever a call costs whatever its size (Python, dispatch, waking the other
+    threads) cancels out, so a small buffer shows the cache's speed, not the call's. Sizes
+    beyond `STREAM_CAP_BYTES` are left out."""
     device = as_device(device)
-    tiny = torch.ones(1, device=device)
-    call_s = measure(lambda: tiny.sum(), repeats=repeats * 3, device=device).median
+
+    def per_call(nbytes: int):
+        x = torch.ones(max(1, nbytes // 4), device=device)
+        calls = max(1, (4 * 2**20) // nbytes)
+
+        def run():
+            for _ in range(calls):
+                x.sum()
+
+        t = measure(run, repeats=repeats, device=device)
+        return t.median / calls, t.q1 / calls, t.q3 / calls
+
     rows = []
     for nbytes in sorted(set(int(n) for n in sizes)):
         if nbytes > STREAM_CAP_BYTES:
             continue
-        x = torch.ones(max(1, nbytes // 4), device=device)
-        t = measure(lambda x=x: x.sum(), repeats=repeats, device=device)
-        rows.append({"bytes": nbytes, "seconds": t.median, "call_s": call_s,
-                     "bandwidth": nbytes / max(t.median - call_s, 1e-9),
-                     "low": nbytes / max(t.q3 - call_s, 1e-9),
-                     "high": nbytes / max(t.q1 - call_s, 1e-9)})  # fmt: skip
-        del x
+        (t, t_q1, t_q3), (h, h_q1, h_q3) = per_call(nbytes), per_call(nbytes // 2)
+        half, gap = nbytes - nbytes // 2, max(t - h, 1e-12)
+        spread = ((t_q3 - t_q1) + (h_q3 - h_q1)) / 2  # the two IQRs' mean, on the difference
+        rows.append({"bytes": nbytes, "seconds": t, "half_seconds": h, "bandwidth": half / gap,
+                     "low": half / (gap + spread),
+                     "high": half / max(gap - spread, gap / 10)})  # fmt: skip
     return pd.DataFrame(rows)
 
 

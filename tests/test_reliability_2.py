@@ -417,3 +417,41 @@ def test_ranks_end_when_the_launching_kernel_is_killed(tmp_path, when):
             with contextlib.suppress(psutil.Error):
                 r.kill()
         kernel.kill()
+
+
+# --- issue 22's findings in memory and exercises ----------------------------------------------
+
+
+def test_a_trial_that_returns_false_is_refused_not_read_as_a_fit():
+    from helpers import memory
+
+    with pytest.raises(TypeError, match="signals 'does not fit' by raising"):
+        memory.largest_fitting(lambda n: n < 10, limit=64)
+    assert memory.largest_fitting(lambda n: None, limit=8).largest == 8
+
+
+def test_weight_bytes_of_a_loaded_wrapper_names_its_model():
+    from types import SimpleNamespace
+
+    from helpers import memory
+
+    loaded = SimpleNamespace(model=torch.nn.Linear(4, 4), tokenizer=None)
+    with pytest.raises(TypeError, match=r"pass its \.model"):
+        memory.weight_bytes(loaded)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        memory.param_count("smollm2")
+
+
+@pytest.mark.parametrize("bad", ["42", [42], np.array([1.0, 2.0]), torch.ones(3), True])
+def test_check_refuses_what_is_not_one_number_in_one_line(bad):
+    from helpers.exercises import check
+
+    with pytest.raises(TypeError, match="the answer must be one number"):
+        check("floor (ms)", bad, 12.0)
+
+
+def test_check_takes_a_one_element_array_or_tensor():
+    from helpers.exercises import check
+
+    assert check("floor (ms)", np.array([12.0]), 12.0)
+    assert check("floor (ms)", torch.tensor(12.0), 12.0)
