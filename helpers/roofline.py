@@ -259,34 +259,25 @@ def measure_copy(device: torch.device, nbytes: int, repeats: int) -> dict:
 def read_sweep(device, sizes: list[int], repeats: int = 7) -> pd.DataFrame:
     """Read bandwidth against buffer size, for the L2 → L3 → memory staircase.
 
-    Each size n is timed summing a buffer of n bytes and one of n/2 bytes, each over enough
-    calls in a row to read ≥ 4 MiB per sample; the bandwidth is (n/2) ÷ the difference of the two
-    times per call. Whatever a call costs whatever its size (Python, dispatch, waking the other
-    threads) cancels out, so a small buffer shows the cache's speed, not the call's. Sizes
-    beyond `STREAM_CAP_BYTES` are left out."""
+    Each size is read by one sum over the buffer repeated (a stride-0 view, `expand`) until a
+    call reads ≥ 64 MiB: the buffer itself is re-read from wherever it sits, and the cost of
+    calling the operation (Python, dispatch, waking the other threads) is spread over all of it,
+    so a small buffer shows the cache's speed, not the call's. Sizes beyond `STREAM_CAP_BYTES`
+    are left out."""
     device = as_device(device)
-
-    def per_call(nbytes: int):
-        x = torch.ones(max(1, nbytes // 4), device=device)
-        calls = max(1, (4 * 2**20) // nbytes)
-
-        def run():
-            for _ in range(calls):
-                x.sum()
-
-        t = measure(run, repeats=repeats, device=device)
-        return t.median / calls, t.q1 / calls, t.q3 / calls
-
     rows = []
     for nbytes in sorted(set(int(n) for n in sizes)):
         if nbytes > STREAM_CAP_BYTES:
             continue
-        (t, t_q1, t_q3), (h, h_q1, h_q3) = per_call(nbytes), per_call(nbytes // 2)
-        half, gap = nbytes - nbytes // 2, max(t - h, 1e-12)
-        spread = ((t_q3 - t_q1) + (h_q3 - h_q1)) / 2  # the two IQRs' mean, on the difference
-        rows.append({"bytes": nbytes, "seconds": t, "half_seconds": h, "bandwidth": half / gap,
-                     "low": half / (gap + spread),
-                     "high": half / max(gap - spread, gap / 10)})  # fmt: skip
+        x = torch.ones(max(1, nbytes // 4), device=device)
+        times = max(1, -(-(64 * 2**20) // nbytes))  # re-reads per call
+        view = x.expand(times, x.numel())
+        t = measure(lambda v=view: v.sum(), repeats=repeats, device=device)
+        read = nbytes * times
+        rows.append({"bytes": nbytes, "reads_per_call": times, "seconds": t.median,
+                     "bandwidth": read / t.median, "low": read / t.q3,
+                     "high": read / t.q1})  # fmt: skip
+        del x, view
     return pd.DataFrame(rows)
 
 
