@@ -29,7 +29,9 @@ def save(fig: plt.Figure, name: str) -> Path:
     """Save a figure under build/figures (README's key figures are copied from there)."""
     FIGURES_DIR.mkdir(parents=True, exist_ok=True)
     path = FIGURES_DIR / f"{name}.png"
-    fig.savefig(path, bbox_inches="tight")
+    partial = path.with_name(path.name + ".partial")  # whole or not at all: then renamed
+    fig.savefig(partial, bbox_inches="tight", format="png")
+    os.replace(partial, path)
     return path
 
 
