@@ -301,14 +301,20 @@ def _square_flops(spec: GPUSpec, dtype: str) -> float:
 def _matmul_rate(spec: GPUSpec, dtype: str, tokens: int) -> float:
     """FLOP/s of the weight matmuls when `tokens` rows go through at once: measured where this
     machine measured decode-shaped products (interpolated), else the square-matmul figure."""
-    square = _square_flops(spec, dtype)
-    if not spec.linear_flops:
-        return square
-    ms = sorted(int(m) for m in spec.linear_flops)
-    rates = [spec.linear_flops[m] for m in ms]
-    if tokens > ms[-1]:  # beyond the measured rows: approach the square peak
-        ms, rates = ms + [max(2048, 2 * ms[-1])], rates + [max(square, rates[-1])]
-    return float(np.exp(np.interp(np.log(tokens), np.log(ms), np.log(rates))))
+    return skinny_rate(spec.linear_flops, tokens, _square_flops(spec, dtype))
+
+
+def skinny_rate(measured: dict[int, float], rows: int, square_flops: float) -> float:
+    """FLOP/s of a product with `rows` rows, from the rates `measured` at some row counts
+    (notebook 00's decode-shaped products), interpolated in log–log; beyond the last measured
+    row count it approaches `square_flops`, and with nothing measured it is `square_flops`."""
+    if not measured:
+        return square_flops
+    ms = sorted(int(m) for m in measured)
+    rates = [measured[m] for m in ms]
+    if rows > ms[-1]:  # beyond the measured rows: approach the square peak
+        ms, rates = ms + [max(2048, 2 * ms[-1])], rates + [max(square_flops, rates[-1])]
+    return float(np.exp(np.interp(np.log(rows), np.log(ms), np.log(rates))))
 
 
 def _allreduce_s(nbytes: float, tp: int, spec: GPUSpec) -> float:

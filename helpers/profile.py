@@ -29,6 +29,7 @@ from helpers.bench import synchronize
 from helpers.decode import KVCache, decode_one_token
 from helpers.memory import weight_bytes
 from helpers.noise import quiet_native_stderr
+from helpers.planner import skinny_rate
 from helpers.shapes import Shape
 
 CPU = ProfilerActivity.CPU
@@ -185,7 +186,7 @@ def predict_decode_step(model, ops: pd.DataFrame, ceilings, costs: dict[str, flo
     bw = bandwidth or ceilings.read_bandwidth
     matmul_bytes = decode_read_bytes(model)
     flops = 2 * batch * shape.linear_params
-    rate = _rate_at(ceilings.linear_flops, batch) or ceilings.peak("fp32")
+    rate = skinny_rate(ceilings.linear_flops, batch, ceilings.peak("fp32"))
     kv = 2 * shape.layers * batch * context * shape.kv_heads * shape.head_dim
     kernels = {MATMULS: max(matmul_bytes / bw, flops / rate),
                ATTENTION: kv * param.element_size() / bw}  # fmt: skip
@@ -195,15 +196,6 @@ def predict_decode_step(model, ops: pd.DataFrame, ceilings, costs: dict[str, flo
     }
     predicted[PYTHON] = ops.top_calls.sum() * costs["python_s"]
     return predicted
-
-
-def _rate_at(rates: dict[int, float], batch: int) -> float | None:
-    """The measured FLOP/s of decode-shaped products at `batch` rows (interpolated in log)."""
-    if not rates:
-        return None
-    xs = sorted(rates)
-    ys = [rates[b] for b in xs]
-    return float(np.exp(np.interp(np.log(batch), np.log(xs), np.log(ys))))
 
 
 def compare(measured: pd.DataFrame, predicted: dict[str, float]) -> pd.DataFrame:
