@@ -55,8 +55,9 @@ def _groups(w: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
         return w.reshape(rows, 1, cols)
     group_size = checks.whole("group_size", group_size)
     if cols % group_size:
-        # groups the packed int4 kernel also runs first (INT4_KERNEL_GROUPS), then smaller ones
-        divisors = [d for d in (32, 64, 128, 256, 16, 8) if cols % d == 0] or [cols]
+        # groups the packed int4 kernel also runs (INT4_KERNEL_GROUPS); smaller ones only if none
+        divisors = ([d for d in (32, 64, 128, 256) if cols % d == 0]
+                    or [d for d in (16, 8) if cols % d == 0] or [cols])  # fmt: skip
         raise ValueError(
             f"group_size {group_size} does not divide the {cols} columns; use e.g. {divisors}"
         )

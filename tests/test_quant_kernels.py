@@ -58,7 +58,7 @@ def test_forcing_the_kernel_on_a_shape_it_cannot_run_is_one_line():
 
 def test_the_suggested_group_sizes_are_ones_the_kernel_runs():
     assert quant.int4_group_sizes(576) == [32, 64]
-    with pytest.raises(ValueError, match=r"use e.g. \[32, 64"):
+    with pytest.raises(ValueError, match=r"use e.g. \[32, 64\]"):
         quant.quantize(torch.randn(4, 576), bits=4, group_size=100)
 
 
