@@ -15,7 +15,7 @@ MODULES = sorted(p.stem for p in HELPERS.glob("*.py") if p.stem != "__init__")
 LAYERS = {
     "facts": {"checks", "shapes", "planner", "verdicts", "explain"},
     "measurement": {"device", "bench", "memory", "noise"},
-    "engine": {"models", "decode", "quant", "tp", "tp_workers", "serving"},
+    "engine": {"models", "decode", "quant", "tp", "tp_workers", "serving", "calibrate", "kvquant"},
     "probes": {"overhead", "roofline", "profile"},
     "lab": {"plots", "widgets", "exercises"},
 }
