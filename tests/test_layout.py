@@ -15,9 +15,19 @@ MODULES = sorted(p.stem for p in HELPERS.glob("*.py") if p.stem != "__init__")
 LAYERS = {
     "facts": {"checks", "shapes", "planner", "verdicts", "explain"},
     "measurement": {"device", "bench", "memory", "noise"},
-    "engine": {"models", "decode", "quant", "tp", "tp_workers", "serving", "calibrate", "kvquant"},
+    "engine": {
+        "models",
+        "decode",
+        "quant",
+        "tp",
+        "tp_workers",
+        "launch",
+        "serving",
+        "calibrate",
+        "kvquant",
+    },
     "probes": {"overhead", "roofline", "profile"},
-    "lab": {"plots", "widgets", "exercises"},
+    "lab": {"plots", "widgets", "exercises", "workbook"},
 }
 RANK = {module: i for i, names in enumerate(LAYERS.values()) for module in names}
 
