@@ -14,7 +14,7 @@ MODULES = sorted(p.stem for p in HELPERS.glob("*.py") if p.stem != "__init__")
 # engine → probes of this machine → the lab (what only notebooks use).
 LAYERS = {
     "facts": {"checks", "shapes", "planner", "verdicts", "explain"},
-    "measurement": {"device", "bench", "memory", "noise"},
+    "measurement": {"device", "bench", "memory", "noise", "loadgen"},
     "engine": {
         "models",
         "decode",
@@ -23,6 +23,7 @@ LAYERS = {
         "tp_workers",
         "launch",
         "serving",
+        "server",
         "calibrate",
         "kvquant",
     },
