@@ -1,4 +1,4 @@
-"""What runs on every rank under `helpers.tp.launch`, and the launches that gather it into tables.
+"""What runs on every rank under `helpers.launch`, and the launches that gather it into tables.
 
 The rank functions take (rank, world_size, ...) and return what rank 0 (or every rank) reports;
 they live in a module so that the ranks can import them by name. `llama_tp_check` and
@@ -16,12 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from helpers import bench, checks, memory
-from helpers.tp import column_shard, launch, row_shard
-
-# the layers a Megatron split shards: column-parallel, then row-parallel
-COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-           "mlp.up_proj")  # fmt: skip
-ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+from helpers.launch import launch
+from helpers.tp import COLWISE, ROWWISE, llama_plan, slowest, timed_parts
 
 
 def _device() -> torch.device:
@@ -29,33 +25,7 @@ def _device() -> torch.device:
         else torch.device("cpu")  # fmt: skip
 
 
-def megatron_mlp(rank: int, world: int, gate, up, down, x) -> torch.Tensor:
-    """SwiGLU MLP split Megatron-style: gate/up by output columns, down by input rows.
-
-    Each rank computes a partial output from its slice of the intermediate features; one
-    all-reduce (sum) of the output makes every rank hold the full result.
-    """
-    dev = _device()
-    g, u = column_shard(gate, rank, world).to(dev), column_shard(up, rank, world).to(dev)
-    d = row_shard(down, rank, world).to(dev)
-    x = x.to(dev)
-    partial = F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
-    dist.all_reduce(partial)  # the only communication of the layer
-    return partial.cpu()
-
-
 # --- A whole Llama, sharded two ways ----------------------------------------------------------
-
-
-def llama_plan(num_layers: int) -> dict:
-    """DTensor's plan for a Llama: q/k/v/gate/up colwise, o/down rowwise, in every layer."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    plan = {}
-    for i in range(num_layers):
-        plan |= {f"model.layers.{i}.{name}": ColwiseParallel() for name in COLWISE}
-        plan |= {f"model.layers.{i}.{name}": RowwiseParallel() for name in ROWWISE}
-    return plan
 
 
 def held_bytes(model) -> dict[str, int]:
@@ -157,14 +127,6 @@ def llama_tp_check(model, ids, new_tokens: int, world: int, backend: str) -> pd.
 # --- Timing collectives --------------------------------------------------------------------
 
 
-def slowest(samples: list[float], device) -> list[float]:
-    """Each timed run's slowest rank (a MAX all-reduce over the ranks, run by run): a collective
-    ends for everyone only when the last rank arrives, so every rank waits for the slowest."""
-    t = torch.tensor(samples, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def _spread(name: str, samples: list[float]) -> dict[str, float]:
     q1, median, q3 = bench.quartiles(samples)
     return {f"{name}_s": median, f"{name}_q1_s": q1, f"{name}_q3_s": q3}
@@ -184,52 +146,48 @@ def allreduce_times(rank: int, world: int, sizes_bytes, repeats: int = 20, warmu
     return rows
 
 
-def mlp_times(rank: int, world: int, hidden: int, intermediate: int, batches, repeats: int = 10,
-              warmup: int = 3, threads: int | None = None) -> list[dict]:  # fmt: skip
-    """One Megatron MLP forward per batch size, timed whole and in its two parts in the same runs:
-    this rank's matmuls (compute), then the all-reduce (comm = total − compute, which includes
-    waiting for the slower rank). Run by run, the slowest rank's total and compute count.
-    `threads`: CPU threads for this rank (default: the launcher's share of the cores)."""
+def mlp_times(rank: int, world: int, layer_sizes, batches, repeats: int = 10, warmup: int = 3,
+              threads: int | None = None) -> list[dict]:  # fmt: skip
+    """One Megatron MLP forward for every (hidden, intermediate) in `layer_sizes` and every batch,
+    timed by `tp.timed_parts`: the whole layer, this rank's matmuls (compute), the skew between
+    the ranks' matmuls, and the all-reduce timed alone (comm). Each a median and quartiles over
+    the runs of the slowest rank. `threads`: CPU threads for this rank (default: the launcher's
+    share of the cores)."""
     if threads is not None:
         torch.set_num_threads(checks.whole("threads", threads))
     dev = _device()
     torch.manual_seed(rank)  # timing only: each rank makes just its own shard, at its shape
-    shard = intermediate // world
-    g = torch.randn(shard, hidden, device=dev).div_(hidden**0.5)  # in place: no second copy
-    u = torch.randn(shard, hidden, device=dev).div_(hidden**0.5)
-    d = torch.randn(hidden, shard, device=dev).div_(intermediate**0.5)
     rows = []
-    for batch in batches:
-        x = torch.randn(batch, hidden, device=dev)
-        compute_s = []
+    for hidden, intermediate in layer_sizes:
+        shard = intermediate // world
+        g = torch.randn(shard, hidden, device=dev).div_(hidden**0.5)  # in place: no second copy
+        u = torch.randn(shard, hidden, device=dev).div_(hidden**0.5)
+        d = torch.randn(hidden, shard, device=dev).div_(intermediate**0.5)
+        for batch in batches:
+            x = torch.randn(batch, hidden, device=dev)
 
-        def layer(x=x, compute_s=compute_s):
-            out, seconds = bench.timed(lambda: F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d),
-                                       dev)  # fmt: skip
-            compute_s.append(seconds)
-            dist.all_reduce(out)  # the layer's only communication
+            def layer(x=x, g=g, u=u, d=d):
+                return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
 
-        total = bench.measure(layer, warmup=warmup, repeats=repeats, device=dev,
-                              before_each=dist.barrier)  # fmt: skip
-        total_s = slowest(total.samples, dev)
-        compute = slowest(compute_s[warmup:], dev)  # the runs bench.measure timed
-        comm = [t - c for t, c in zip(total_s, compute, strict=True)]
-        rows.append({"tp": world, "hidden": hidden, "intermediate": intermediate, "batch": batch,
-                     **_spread("total", total_s), **_spread("compute", compute),
-                     **_spread("comm", comm)})  # fmt: skip
+            times = timed_parts(layer, dist.all_reduce, dev, repeats=repeats, warmup=warmup)
+            rows.append({"tp": world, "hidden": hidden, "intermediate": intermediate,
+                         "batch": batch, "weight_bytes": 3 * hidden * intermediate * 4,
+                         "message_bytes": batch * hidden * 4,
+                         **{k: v for part, samples in times.items()
+                            for k, v in _spread(part, samples).items()}})  # fmt: skip
+        del g, u, d
     return rows
 
 
 def mlp_sweep(layer_sizes, batches, worlds, backend: str, repeats: int = 10,
               threads_per_rank: int | None = None) -> pd.DataFrame:  # fmt: skip
     """`mlp_times` for every (hidden, intermediate) in `layer_sizes` and TP degree in `worlds`
-    (a one-rank launch is the TP 1 baseline: the same code path): one row per point, times in
-    seconds (median, q1, q3) of the total and of its compute and all-reduce parts.
+    (a one-rank launch is the TP 1 baseline: the same code path), one launch per degree: one row
+    per point, times in seconds (median, q1, q3) of the total, compute, skew and all-reduce.
     `threads_per_rank=1` makes each CPU rank one core, as each GPU rank is one GPU: TP 1 then
     does not run threads that, on a busy machine, wait for each other at every matmul."""
     rows = []
-    for hidden, intermediate in layer_sizes:
-        for world in worlds:
-            rows += launch(mlp_times, world, hidden, intermediate, list(batches), repeats, 3,
-                           threads_per_rank, backend=backend)[0]  # fmt: skip
+    for world in worlds:
+        rows += launch(mlp_times, world, [tuple(s) for s in layer_sizes], list(batches), repeats,
+                       3, threads_per_rank, backend=backend)[0]  # fmt: skip
     return pd.DataFrame(rows)

@@ -1,5 +1,6 @@
-"""Notebook 03 writes the column split, the row split and the Megatron MLP itself; they must give
-the unsplit answer and equal the helpers' shards (which the multi-process workers use)."""
+"""Notebook 03 writes the column split, the row split, the Megatron MLP, the prediction of a TP
+step and the TPOT-vs-TP model itself: they must give the unsplit answer, run on real ranks as
+the notebook runs them, and agree with known answers and with the planner."""
 
 import socket
 
@@ -8,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from helpers import tp
-from tests.notebook_defs import definitions
+from helpers import launch
+from tests.notebook_defs import definitions, idea_cells
 
 nb = definitions("03_tensor_parallelism")
 torch.manual_seed(0)
@@ -34,12 +35,11 @@ def test_shards_are_the_known_blocks():
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", [(12, 8), (10, 7)])  # (10, 7) does not split evenly
-def test_shards_equal_the_helpers(world, shape):
+def test_shards_tile_the_weight(world, shape):
     w = torch.randn(*shape)
-    for rank in range(min(world, len(w.chunk(world, dim=0)))):
-        assert torch.equal(nb.column_shard(w, rank, world), tp.column_shard(w, rank, world))
-    for rank in range(min(world, len(w.chunk(world, dim=1)))):
-        assert torch.equal(nb.row_shard(w, rank, world), tp.row_shard(w, rank, world))
+    columns = [nb.column_shard(w, r, world) for r in range(len(w.chunk(world, dim=0)))]
+    rows = [nb.row_shard(w, r, world) for r in range(len(w.chunk(world, dim=1)))]
+    assert torch.equal(torch.cat(columns, dim=0), w) and torch.equal(torch.cat(rows, dim=1), w)
 
 
 def test_column_split_concatenates_and_row_split_sums():
@@ -65,13 +65,6 @@ def test_summed_partials_equal_the_unsharded_mlp(world):
     partials = [nb.megatron_partial(x, gate, up, down, r, world) for r in range(world)]
     assert all(p.shape == (3, 32) for p in partials)
     torch.testing.assert_close(sum(partials), reference_mlp(x, gate, up, down))
-    with_helpers = [
-        nb.mlp(x, tp.column_shard(gate, r, world), tp.column_shard(up, r, world),
-               tp.row_shard(down, r, world))
-        for r in range(world)
-    ]  # fmt: skip
-    for ours, theirs in zip(partials, with_helpers, strict=True):
-        assert torch.equal(ours, theirs)
 
 
 @pytest.fixture
@@ -89,3 +82,39 @@ def test_the_rank_function_all_reduces_to_the_full_output(one_rank_group):
     x = torch.randn(3, 32)
     out = nb.megatron_mlp(0, 1, gate, up, down, x)
     torch.testing.assert_close(out, reference_mlp(x, gate, up, down))
+
+
+def test_attention_split_by_heads_equals_full():
+    head_dim, hidden, world = 8, 32, 2  # 4 heads, 2 per shard
+    wq, wk, wv, wo = (torch.randn(hidden, hidden) / hidden**0.5 for _ in range(4))
+    x = torch.randn(1, 6, hidden)
+
+    def attention(x, wq, wk, wv, wo):
+        b, t, _ = x.shape
+        q, k, v = (F.linear(x, w).view(b, t, -1, head_dim).transpose(1, 2) for w in (wq, wk, wv))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.linear(o.transpose(1, 2).reshape(b, t, -1), wo)
+
+    columns = [[nb.column_shard(w, r, world) for w in (wq, wk, wv)] for r in range(world)]
+    split = sum(attention(x, *columns[r], nb.row_shard(wo, r, world)) for r in range(world))
+    torch.testing.assert_close(split, attention(x, wq, wk, wv, wo))
+
+
+def notebook_namespace(tmp_path):
+    """The idea cells run as a notebook runs them: module __main__, source in a file, so that
+    `launch` sends the notebook's functions to the ranks as their source."""
+    cells = tmp_path / "notebook_03_ideas.py"
+    cells.write_text("\n\n".join(idea_cells("03_tensor_parallelism")))
+    namespace = {"__name__": "__main__"}
+    exec(compile(cells.read_text(), str(cells), "exec"), namespace)
+    return namespace
+
+
+def test_two_gloo_processes_running_the_notebooks_mlp_equal_one(tmp_path):
+    megatron_mlp = notebook_namespace(tmp_path)["megatron_mlp"]
+    gate, up, down = weights()
+    x = torch.randn(3, 32)
+    outs = launch.launch(megatron_mlp, 2, gate, up, down, x, backend="gloo")
+    assert len(outs) == 2
+    for out in outs:
+        torch.testing.assert_close(out, reference_mlp(x, gate, up, down))

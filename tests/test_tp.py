@@ -9,102 +9,72 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
-from helpers import shapes, tp, tp_workers
+from helpers import launch, shapes, tp, tp_workers
 
 torch.manual_seed(0)
 
 
-def weights(hidden=32, intermediate=64):
-    return (torch.randn(intermediate, hidden) / hidden**0.5,
-            torch.randn(intermediate, hidden) / hidden**0.5,
-            torch.randn(hidden, intermediate) / intermediate**0.5)  # fmt: skip
-
-
-def mlp(x, gate, up, down):
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
-
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_column_split_concatenates_and_row_split_sums(world):
-    x, w = torch.randn(5, 32), torch.randn(48, 32)
-    cols = [F.linear(x, tp.column_shard(w, r, world)) for r in range(world)]
-    torch.testing.assert_close(torch.cat(cols, dim=-1), F.linear(x, w))
-    x_parts = x.chunk(world, dim=-1)
-    rows = [F.linear(x_parts[r], tp.row_shard(w, r, world)) for r in range(world)]
-    torch.testing.assert_close(sum(rows), F.linear(x, w))
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_megatron_mlp_partials_sum_to_the_full_layer(world):
-    gate, up, down = weights()
-    x = torch.randn(3, 32)
-    partials = [
-        mlp(x, tp.column_shard(gate, r, world), tp.column_shard(up, r, world),
-            tp.row_shard(down, r, world))
-        for r in range(world)
-    ]  # fmt: skip
-    torch.testing.assert_close(sum(partials), mlp(x, gate, up, down))
-
-
-def test_attention_split_by_heads_equals_full():
-    heads, head_dim, hidden, world = 4, 8, 32, 2
-    wq, wk, wv, wo = (torch.randn(hidden, hidden) / hidden**0.5 for _ in range(4))
-    x = torch.randn(1, 6, hidden)
-
-    def attention(x, wq, wk, wv, wo):
-        b, t, _ = x.shape
-        q, k, v = (F.linear(x, w).view(b, t, -1, head_dim).transpose(1, 2) for w in (wq, wk, wv))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.linear(o.transpose(1, 2).reshape(b, t, -1), wo)
-
-    full = attention(x, wq, wk, wv, wo)
-    split = sum(
-        attention(x, *(tp.column_shard(w, r, world) for w in (wq, wk, wv)),
-                  tp.row_shard(wo, r, world))
-        for r in range(world)
-    )  # fmt: skip
-    torch.testing.assert_close(split, full)
-    assert heads % world == 0
-
-
-def test_two_gloo_processes_equal_one():
-    gate, up, down = weights()
-    x = torch.randn(3, 32)
-    outs = tp.launch(tp_workers.megatron_mlp, 2, gate, up, down, x, backend="gloo")
-    for out in outs:
-        torch.testing.assert_close(out, mlp(x, gate, up, down))
-
-
 def rank_samples(rank, world):
     samples = [[1.0, 5.0, 2.0], [3.0, 2.0, 2.0]][rank]
-    return tp_workers.slowest(samples, torch.device("cpu"))
+    return tp.slowest(samples, torch.device("cpu")), tp.fastest(samples, torch.device("cpu"))
 
 
-def test_slowest_keeps_each_runs_slowest_rank():
-    assert tp.launch(rank_samples, 2, backend="gloo") == [[3.0, 5.0, 2.0]] * 2
+def test_slowest_and_fastest_keep_each_runs_extreme_rank():
+    high, low = [3.0, 5.0, 2.0], [1.0, 2.0, 2.0]
+    assert launch.launch(rank_samples, 2, backend="gloo") == [(high, low)] * 2
+
+
+PLANTED_WAIT_S, PLANTED_COLLECTIVE_S = 0.3, 0.1
+
+
+def planted_layer(rank, world):
+    """Rank 1's compute takes PLANTED_WAIT_S longer; the collective itself sleeps a known time."""
+
+    def compute():
+        time.sleep(PLANTED_WAIT_S * rank)
+        return torch.ones(4)
+
+    def collective(out):
+        dist.all_reduce(out)
+        time.sleep(PLANTED_COLLECTIVE_S)
+
+    return tp.timed_parts(compute, collective, torch.device("cpu"), repeats=3, warmup=1)
+
+
+def test_the_collective_is_timed_alone_and_the_wait_for_a_slow_rank_is_skew():
+    times = launch.launch(planted_layer, 2, backend="gloo")[0]
+    assert set(times) == {"total", "compute", "skew", "comm"}
+    for run in range(3):
+        assert times["skew"][run] == pytest.approx(PLANTED_WAIT_S, abs=0.09)
+        assert PLANTED_COLLECTIVE_S <= times["comm"][run] < PLANTED_COLLECTIVE_S + 0.09
+        assert times["compute"][run] >= PLANTED_WAIT_S  # the slowest rank's
+        # the real layer waits for the slow rank once, then pays the collective
+        assert times["total"][run] >= PLANTED_WAIT_S + PLANTED_COLLECTIVE_S
 
 
 def test_allreduce_times_report_median_and_quartiles():
-    (rows, _) = tp.launch(tp_workers.allreduce_times, 2, [64, 4096], 3, 1, backend="gloo")
+    (rows, _) = launch.launch(tp_workers.allreduce_times, 2, [64, 4096], 3, 1, backend="gloo")
     assert [r["bytes"] for r in rows] == [64, 4096]
     for r in rows:
         assert 0 < r["q1_s"] <= r["seconds"] <= r["q3_s"] and r["world"] == 2
 
 
-def test_the_all_reduce_is_a_part_of_the_total_measured_in_the_same_runs():
-    rows = tp.launch(tp_workers.mlp_times, 2, 32, 64, [1, 4], 5, 1, backend="gloo")[0]
+def test_mlp_times_reports_every_part_with_its_spread():
+    rows = launch.launch(tp_workers.mlp_times, 2, [(32, 64)], [1, 4], 5, 1, backend="gloo")[0]
     assert [(r["tp"], r["batch"]) for r in rows] == [(2, 1), (2, 4)]
     for r in rows:
-        for part in ("total", "compute", "comm"):
+        for part in ("total", "compute", "skew", "comm"):
             assert 0 <= r[f"{part}_q1_s"] <= r[f"{part}_s"] <= r[f"{part}_q3_s"], part
-        assert r["comm_s"] <= r["total_s"] and r["compute_s"] <= r["total_s"]
+        assert r["weight_bytes"] == 3 * 32 * 64 * 4 and r["message_bytes"] == r["batch"] * 32 * 4
 
 
 def test_mlp_sweep_has_a_row_per_point():
-    frame = tp_workers.mlp_sweep([(16, 32)], [1, 2], worlds=(1, 2), backend="gloo", repeats=2)
-    assert list(zip(frame.tp, frame.batch, strict=True)) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    frame = tp_workers.mlp_sweep([(16, 32), (8, 16)], [1, 2], worlds=(1, 2), backend="gloo",
+                                 repeats=2)  # fmt: skip
+    points = list(zip(frame.tp, frame.hidden, frame.batch, strict=True))
+    assert points == [(t, h, b) for t in (1, 2) for h in (16, 8) for b in (1, 2)]
 
 
 def test_held_bytes_counts_the_linears_tp_splits(tiny_llama):
@@ -139,8 +109,8 @@ def sleeps(rank, world):
 
 def test_failing_worker_surfaces_and_nothing_outlives_it():
     start = time.perf_counter()
-    with pytest.raises(tp.WorkerError, match=r"rank 1 of 2 failed(.|\n)*planted failure"):
-        tp.launch(fails_on_rank_1, 2, backend="gloo")
+    with pytest.raises(launch.WorkerError, match=r"rank 1 of 2 failed(.|\n)*planted failure"):
+        launch.launch(fails_on_rank_1, 2, backend="gloo")
     assert time.perf_counter() - start < 20  # rank 0's 30 s sleep was cut short
     assert multiprocessing.active_children() == []
 
@@ -167,9 +137,9 @@ def gone(pid: int) -> bool:
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 def test_a_killed_rank_is_reported_at_once_and_every_process_ends(tmp_path):
     with pytest.raises(
-        tp.WorkerError, match=r"rank 1 of 2 was killed by SIGKILL \(.*out-of-memory"
+        launch.WorkerError, match=r"rank 1 of 2 was killed by SIGKILL \(.*out-of-memory"
     ):
-        tp.launch(killed_on_rank_1, 2, str(tmp_path), backend="gloo")
+        launch.launch(killed_on_rank_1, 2, str(tmp_path), backend="gloo")
     cleanup_s = time.time() - float((tmp_path / "death").read_text())
     print(f"killed rank reported and every process ended {cleanup_s:.2f} s after its death")
     assert cleanup_s < 3, f"reported {cleanup_s:.1f} s after the rank died"
@@ -182,8 +152,10 @@ def exits_quietly(rank, world):
 
 
 def test_a_rank_exiting_without_a_result_is_reported():
-    with pytest.raises(tp.WorkerError, match=r"rank 0 of 1 exited with code 3 without a result"):
-        tp.launch(exits_quietly, 1, backend="gloo", timeout=60)
+    with pytest.raises(
+        launch.WorkerError, match=r"rank 0 of 1 exited with code 3 without a result"
+    ):
+        launch.launch(exits_quietly, 1, backend="gloo", timeout=60)
     assert multiprocessing.active_children() == []
 
 
@@ -218,8 +190,8 @@ def notebook_function(tmp_path, name):
 def test_a_function_written_in_the_notebook_runs_on_the_ranks(tmp_path):
     fn = notebook_function(tmp_path, "sum_of_ranks")
     assert fn.__module__ == "__main__"
-    assert tp.launch(fn, 2, 2.0, backend="gloo") == [42.0, 42.0]  # (10 + 11) · 2 on each rank
-    shipped = tp.NotebookFunction(fn)
+    assert launch.launch(fn, 2, 2.0, backend="gloo") == [42.0, 42.0]  # (10 + 11) · 2 on each rank
+    shipped = launch.NotebookFunction(fn)
     assert set(shipped.sources) == {"sum_of_ranks", "contribution"}
     assert shipped.modules == {"torch": "torch", "dist": "torch.distributed"}
     assert shipped.values == {"OFFSET": 10.0}
@@ -233,13 +205,13 @@ def test_what_cannot_travel_is_named_before_launch():
             return rank + offset
 
         closure.__module__ = "__main__"
-        tp.launch(closure, 2, backend="gloo")
+        launch.launch(closure, 2, backend="gloo")
     with pytest.raises(TypeError, match="cannot be sent to other processes"):
-        tp.launch(fails_on_rank_1, 2, lambda: 0, backend="gloo")  # a lambda as an argument
+        launch.launch(fails_on_rank_1, 2, lambda: 0, backend="gloo")  # a lambda as an argument
     with pytest.raises(ValueError, match="world_size must be at least 1"):
-        tp.launch(fails_on_rank_1, 0)
+        launch.launch(fails_on_rank_1, 0)
     with pytest.raises(ValueError, match=r"Unknown backend 'mpi'; use one of \['gloo', 'nccl'\]"):
-        tp.launch(fails_on_rank_1, 2, backend="mpi")
+        launch.launch(fails_on_rank_1, 2, backend="mpi")
     with pytest.raises(TypeError, match="TP degree must be a whole number"):
         shapes.check_tp_degree(1.5, heads=8, kv_heads=8, intermediate=64)
 
@@ -257,15 +229,17 @@ def test_an_argument_the_ranks_cannot_rebuild_names_the_cause(monkeypatch):
     monkeypatch.setattr(sys.modules["__main__"], "DefinedInTheNotebook", DefinedInTheNotebook,
                         raising=False)  # fmt: skip
     start = time.perf_counter()
-    with pytest.raises(tp.WorkerError, match=r"Can't get attribute(.|\n)*Put it in a \.py module"):
-        tp.launch(identity, 1, DefinedInTheNotebook(), backend="gloo")
+    with pytest.raises(
+        launch.WorkerError, match=r"Can't get attribute(.|\n)*Put it in a \.py module"
+    ):
+        launch.launch(identity, 1, DefinedInTheNotebook(), backend="gloo")
     assert time.perf_counter() - start < 20
     assert multiprocessing.active_children() == []
 
 
 def test_timeout_stops_every_rank():
     with pytest.raises(TimeoutError, match="did not finish"):
-        tp.launch(sleeps, 2, backend="gloo", timeout=8)
+        launch.launch(sleeps, 2, backend="gloo", timeout=8)
     assert multiprocessing.active_children() == []
 
 
@@ -277,7 +251,7 @@ def test_bad_degrees_are_refused_before_launch():
     with pytest.raises(ValueError, match="KV heads"):
         shapes.check_tp_degree(4, heads=32, kv_heads=2, intermediate=1024)
     with pytest.raises(ValueError, match="backend='gloo'"):
-        tp.check_world(torch.cuda.device_count() + 1, "nccl")
+        launch.check_world(torch.cuda.device_count() + 1, "nccl")
 
 
 def test_alpha_beta_fit_recovers_known_parameters():
@@ -292,7 +266,7 @@ def test_alpha_beta_fit_recovers_known_parameters():
 
 
 def test_decode_communication_is_a_sliver_of_the_weight_bytes():
-    """Notebook 03, section 1: Llama-2-7B fp16 at batch 1 sends < 1% of the bytes it reads."""
+    """Llama-2-7B fp16 at batch 1 sends < 1% of the bytes it reads (its cost is latency)."""
     llama = shapes.Shape.of("llama-2-7b")
     for t in (2, 4, 8):
         sent = 2 * llama.layers * shapes.allreduce_bus_bytes(llama.hidden * 2, t)
@@ -304,3 +278,8 @@ def test_the_llama_in_notebook_03_splits_2_or_4_ways_not_8():
         assert shapes.check_tp_degree(t, heads=8, kv_heads=4, intermediate=768) == t
     with pytest.raises(ValueError, match="KV heads; use one of \\[1, 2, 4\\]"):
         shapes.check_tp_degree(8, heads=8, kv_heads=4, intermediate=768)
+
+
+def test_the_launcher_is_still_reachable_from_tp():
+    assert tp.launch is launch.launch and tp.WorkerError is launch.WorkerError
+    assert launch.COLLECTIVE_BACKENDS == ("gloo", "nccl")
