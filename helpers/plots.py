@@ -12,10 +12,50 @@ import seaborn as sns
 from matplotlib.lines import Line2D
 
 from helpers import BUILD_DIR
+from helpers.profile import CATEGORIES
 from helpers.roofline import Ceilings, attainable_flops
 from helpers.shapes import format_bytes
 
 FIGURES_DIR = Path(os.environ.get("COURSE_FIGURES", BUILD_DIR / "figures"))
+
+
+# One colour and marker per entity, in every figure of every notebook (issue 19): a reader who
+# learned that bf16 is orange in notebook 00 finds it orange in notebook 04. Families rarely share
+# a figure, so colours repeat across families, never within one.
+_CB = sns.color_palette("colorblind", 10)
+STYLES: dict[str, dict[str, dict]] = {
+    "precision": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
+        [("fp32", "o"), ("bf16", "s"), ("fp16", "^"), ("int8", "D"), ("int4", "v"),
+         ("fp8", "P"), ("nf4", "X"), ("int3", "<")])},
+    "policy": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
+        [("static", "s"), ("continuous", "o"), ("chunked", "^"), ("reservation", "D")])},
+    "engine": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
+        [("course", "o"), ("vllm", "s"), ("gpt-fast", "^"), ("production", "D")])},
+    "tp": {f"TP {t}": {"color": _CB[i], "marker": m} for i, (t, m) in enumerate(
+        [(1, "o"), (2, "s"), (4, "^"), (8, "D"), (16, "v")])},
+    "collective": {"compute": {"color": _CB[0], "marker": "o"},
+                   "all-reduce": {"color": _CB[3], "marker": "s"},
+                   "skew": {"color": _CB[7], "marker": "^"}},
+}  # fmt: skip
+STYLES["category"] = {c: {"color": _CB[i], "marker": "s"} for i, c in enumerate(CATEGORIES)}
+
+
+def style(family: str, name: str) -> dict:
+    """The colour and marker of entity `name` of `family` ("precision", "policy", "engine",
+    "tp", "collective", "category"). A name is matched exactly, then by the family's key it
+    contains ("int8 weight-only (torchao)" is an int8; "chunk 32" a chunked policy)."""
+    if family not in STYLES:
+        raise KeyError(f"no style family {family!r}: use one of {sorted(STYLES)}")
+    entries = STYLES[family]
+    key = str(name).lower()
+    if key in entries:
+        return dict(entries[key])
+    if family == "policy" and key.startswith("chunk"):
+        return dict(entries["chunked"])
+    for known in sorted(entries, key=len, reverse=True):  # "int8" before "int"
+        if known.lower() in key:
+            return dict(entries[known])
+    raise KeyError(f"no {family} style for {name!r}: add it to helpers.plots.STYLES")
 
 
 def use_style() -> None:
@@ -55,7 +95,7 @@ def roofline(
     ax = ax or plt.subplots()[1]
     bandwidth = bandwidth or ceilings.read_bandwidth
     intensities = np.logspace(-2, 4, 200)
-    colors = dict(zip(ceilings.matmul_flops, sns.color_palette(), strict=False))
+    colors = {dtype: style("precision", dtype)["color"] for dtype in ceilings.matmul_flops}
     for dtype, peak in ceilings.matmul_flops.items():
         roof = [attainable(i, peak, bandwidth) for i in intensities]
         label = f"{dtype} matmul peak {peak / 1e9:,.0f} GFLOP/s"
@@ -145,11 +185,10 @@ def profile_bars(parts, ax: plt.Axes | None = None) -> plt.Axes:
     """Two stacked bars, predicted and measured, one segment per category of a step
     (`helpers.profile.compare` rows), each category in the same colour in both bars."""
     ax = ax or plt.subplots(figsize=(7.5, 3.0))[1]
-    colors = sns.color_palette("colorblind", len(parts))
     for col, y in (("predicted_ms", "predicted"), ("measured_ms", "measured (profiled)")):
         left = 0.0
-        for color, row in zip(colors, parts.itertuples(), strict=True):
-            value = getattr(row, col)
+        for row in parts.itertuples():
+            value, color = getattr(row, col), style("category", row.category)["color"]
             ax.barh(y, value, left=left, color=color, label=row.category if col == "measured_ms"
                     else None)  # fmt: skip
             left += value
@@ -261,8 +300,7 @@ def quant_speed(ran, floors, batches, compiled=None, reference: str = "fp32") ->
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharex=True,
                              sharey=True, squeeze=False)  # fmt: skip
-    palette = [c for i, c in enumerate(sns.color_palette("tab10")) if i != 7]  # grey: fp32's
-    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+    colors = {n: style("precision", n)["color"] for n in names}  # fp32's reference is grey
 
     def measured(name):
         r = ran.loc[name]
