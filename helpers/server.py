@@ -70,7 +70,8 @@ def watch():
 if os.getppid() != parent:
     sys.exit(1)
 threading.Thread(target=watch, daemon=True).start()
-sys.exit(subprocess.call(sys.argv[2:]))
+code = subprocess.call(sys.argv[2:])
+sys.exit(128 - code if code < 0 else code)  # killed by signal N: 128 + N, as a shell says
 """
 
 
@@ -150,11 +151,12 @@ def group_alive(pgid: int) -> bool:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format → {name: value summed over label sets} (comments skipped)."""
+    """Prometheus text format → {name: value summed over label sets}. Comments, histogram
+    buckets and `_created` stamps are skipped: a histogram is read by its `_sum` and `_count`."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = re.match(r"^([A-Za-z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
-        if m and not line.startswith("#"):
+        if m and not line.startswith("#") and not m[1].endswith(("_bucket", "_created")):
             with contextlib.suppress(ValueError):
                 out[m[1]] = out.get(m[1], 0.0) + float(m[3])
     return out
@@ -293,7 +295,7 @@ def _wait_healthy(srv: Server, health_path: str, timeout_s: float) -> float:
 
 def _death(srv: Server, when: str) -> str:
     code, tail = srv.process.returncode, srv.log_tail()
-    oom = code in (-signal.SIGKILL, 128 + signal.SIGKILL, 137) or any(
+    oom = code in (-signal.SIGKILL, 128 + signal.SIGKILL) or any(
         s in tail.lower() for s in OOM_SIGNS
     )
     if oom:

@@ -1,0 +1,133 @@
+"""The server launcher: its error paths, that nothing outlives it, and a real vLLM-CPU server.
+
+The launcher's own tests start small stand-in servers (`command=`); the last tests start the real
+vLLM server once (module fixture: ~2 minutes on 2 cores) where `make vllm` has built .venv-vllm,
+as `make test` does."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers import loadgen, server
+
+# A stand-in server: answers GET / with 200 and starts a child that would otherwise live on.
+STAND_IN = textwrap.dedent("""
+    import http.server, subprocess, sys
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])),
+                                    http.server.SimpleHTTPRequestHandler).serve_forever()
+""")
+
+
+def stand_in(code=STAND_IN):
+    return [sys.executable, "-c", code, "{port}"]
+
+
+def gone(pgid, within_s=10.0):
+    deadline = time.monotonic() + within_s
+    while server.group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not server.group_alive(pgid)
+
+
+def test_start_waits_for_health_and_stop_leaves_no_process(monkeypatch):
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    with server.start(command=stand_in(), health_path="/", timeout_s=60) as srv:
+        pgid = srv.process.pid
+        assert srv.alive() and len(server.group_processes(pgid)) >= 3  # guard, server, child
+        assert srv.rss_bytes() > 0
+    assert gone(pgid, within_s=1)
+
+
+def test_a_dead_kernel_takes_its_server_with_it(tmp_path):
+    kernel = textwrap.dedent(f"""
+        import sys, time
+        from helpers import server
+        srv = server.start(command={stand_in()!r}, health_path="/", timeout_s=60)
+        print(srv.process.pid, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", kernel], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "COURSE_SERVER_URL": ""})  # fmt: skip
+    pgid = int(proc.stdout.readline())
+    assert server.group_alive(pgid)
+    proc.send_signal(signal.SIGKILL)  # no atexit, no __exit__: only the guard can clean up
+    proc.wait()
+    assert gone(pgid), "the server outlived its kernel"
+
+
+def test_env_not_installed_names_the_make_target(monkeypatch, tmp_path):
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    monkeypatch.setattr(server, "VENV", tmp_path / "nothing")
+    with pytest.raises(server.ServerError, match="make vllm"):
+        server.start()
+
+
+def test_port_in_use_is_one_line(monkeypatch):
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(server.ServerError, match=f"port {port} is in use") as err:
+            server.start(port=port, command=stand_in())
+    assert "\n" not in str(err.value)
+
+
+def test_a_server_dying_during_start_shows_its_last_log_lines(monkeypatch):
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    crash = "print('loading the model'); print('ValueError: no such flag', flush=True); exit(3)"
+    with pytest.raises(server.ServerError, match="died during start") as err:
+        server.start(command=[sys.executable, "-c", crash], timeout_s=60)
+    assert "exit code 3" in str(err.value) and "no such flag" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["print('torch.OutOfMemoryError: CPU out of memory', flush=True); exit(1)",
+     "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],  # what the OOM killer does
+    ids=["said-in-log", "killed"],
+)  # fmt: skip
+def test_out_of_memory_is_named(monkeypatch, code):
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    with pytest.raises(server.ServerError, match="ran out of memory"):
+        server.start(command=[sys.executable, "-c", code], timeout_s=60)
+
+
+def test_too_little_free_memory_refuses_to_start(monkeypatch):
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    monkeypatch.setattr(server, "NEEDS_BYTES", 2**60)
+    with pytest.raises(server.ServerError, match="needs about"):
+        server.start(command=stand_in())
+
+
+def test_course_server_url_points_at_a_running_server(monkeypatch):
+    with loadgen.FakeServer(model="outside-model") as fake:
+        monkeypatch.setenv(server.URL_ENV, fake.url + "/v1")
+        srv = server.start()
+        assert (srv.url, srv.model, srv.process) == (fake.url, "outside-model", None)
+        srv.stop()  # nothing of ours to stop
+    monkeypatch.setenv(server.URL_ENV, "http://127.0.0.1:9")
+    with pytest.raises(server.ServerError, match="does not answer"):
+        server.start()
+
+
+def test_parse_metrics_sums_label_sets():
+    text = textwrap.dedent("""
+        # HELP vllm:num_requests_running Number of requests running.
+        vllm:num_requests_running{engine="0",model_name="m"} 3.0
+        vllm:num_requests_running{engine="1",model_name="m"} 1.0
+        vllm:time_to_first_token_seconds_sum{model_name="m"} 2.5
+        vllm:time_to_first_token_seconds_count{model_name="m"} 10
+    """)
+    m = server.parse_metrics(text)
+    assert m["vllm:num_requests_running"] == 4.0
+    assert m["vllm:time_to_first_token_seconds_sum"] / m[
+        "vllm:time_to_first_token_seconds_count"
+    ] == pytest.approx(0.25)
