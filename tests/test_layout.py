@@ -13,7 +13,16 @@ MODULES = sorted(p.stem for p in HELPERS.glob("*.py") if p.stem != "__init__")
 # Lower layers never import higher ones: facts (pure arithmetic, no torch) → measurement →
 # engine → probes of this machine → the lab (what only notebooks use).
 LAYERS = {
-    "facts": {"checks", "shapes", "planner", "engines", "verdicts", "explain", "stepmodel", "serving_metrics"},
+    "facts": {
+        "checks",
+        "shapes",
+        "planner",
+        "engines",
+        "verdicts",
+        "explain",
+        "stepmodel",
+        "serving_metrics",
+    },
     "measurement": {"device", "bench", "memory", "noise", "loadgen"},
     "engine": {
         "models",
