@@ -18,6 +18,7 @@ LAYERS = {
         "shapes",
         "planner",
         "engines",
+        "stepcost",
         "verdicts",
         "explain",
         "stepmodel",
