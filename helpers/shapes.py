@@ -42,17 +42,36 @@ ARCHITECTURES = {
 
 # Bytes per stored weight for each serving precision. The weight-only formats keep a 16-bit
 # scale per output row (int8) or a 16-bit scale and zero point per group of 64 (int4): the layout
-# of the course's own `quant` linears and of torchao's defaults.
+# of the course's own `quant` linears and of torchao's defaults. fp8 is e4m3 (1 sign, 4 exponent,
+# 3 mantissa bits) with one scale per tensor, as vLLM's `--quantization fp8` stores it.
 INT4_GROUP = 64
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP}
-# Bytes of one activation, cached key/value or logit: weight-only formats still compute in 16 bit.
-VALUE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2}
+WEIGHT_BYTES = {
+    "fp32": 4.0,
+    "fp16": 2.0,
+    "bf16": 2.0,
+    "int8": 1.0,
+    "int4": 0.5 + 4 / INT4_GROUP,
+    "fp8": 1.0,
+}
+# Bytes of one activation, cached key/value or logit: weight-only formats still compute in 16 bit
+# (an fp8 model that also multiplies in fp8, W8A8, quantizes each matmul's input on the fly and
+# keeps what it stores between layers in 16 bit).
+VALUE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2, "fp8": 2}
 PRECISIONS = tuple(WEIGHT_BYTES)
 
+# Formats of the KV cache (`--kv-cache-dtype` in vLLM): bytes per cached value before scales. fp8
+# (e4m3) keeps one scale per tensor; int8 one 16-bit scale per head and token (KV_SCALE_BYTES).
+KV_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+KV_DTYPES = tuple(KV_BYTES)
+KV_SCALE_BYTES = 2
 
-def precision(name: str) -> str:
-    """The canonical precision name ('BF16' → 'bf16'), or an error listing the known ones."""
-    return checks.choice("precision", name, PRECISIONS)
+
+def kv_value_bytes(kv_dtype: str, head_dim: int) -> float:
+    """Bytes per cached key or value in `kv_dtype`, scales included (int8: one 16-bit scale per
+    head and token, shared by its `head_dim` values)."""
+    kv_dtype = checks.choice("kv_dtype", kv_dtype, KV_DTYPES)
+    head_dim = checks.whole("head_dim", head_dim)
+    return KV_BYTES[kv_dtype] + (KV_SCALE_BYTES / head_dim if kv_dtype == "int8" else 0)
 
 
 @dataclass(frozen=True)
@@ -206,6 +225,7 @@ def serving_memory(
     tp: int = 1,
     prefill_tokens: int | None = None,
     all_logits: bool = False,
+    kv_bytes: float | None = None,
 ) -> dict[str, int]:
     """Bytes per device to serve `batch` sequences of `context` tokens, by component.
 
@@ -215,14 +235,17 @@ def serving_memory(
     split layers; each device keeps full-size logits here (the course's loop gathers them).
     `prefill_tokens` (default: the whole context) is how many prompt tokens go through at once;
     `all_logits` keeps scores for every prompt position instead of only the last one.
+    `kv_bytes` (default: `value_bytes`) is one cached key/value in a quantized cache's format,
+    scales included (`kv_value_bytes`).
     """
     _sizes(shape, batch, context, value_bytes)
+    kv_bytes = value_bytes if kv_bytes is None else checks.positive("kv_bytes", kv_bytes)
     checks.positive("weight_bytes_per_param", weight_bytes_per_param)
     check_tp_degree(tp, heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate)
     tokens = context if prefill_tokens is None else checks.whole("prefill_tokens", prefill_tokens)
     return {
         "weights": int(shape.params * weight_bytes_per_param / tp),
-        "kv_cache": kv_cache_bytes(shape, batch, context, value_bytes) // tp,
+        "kv_cache": kv_cache_bytes(shape, batch, context, kv_bytes) // tp,
         "activations": activation_bytes(shape, batch, tokens, value_bytes, tp),
         "logits": logits_bytes(shape, batch, tokens if all_logits else 1, value_bytes),
     }
