@@ -124,3 +124,17 @@ def test_the_handout_leaves_out_solutions_and_keeps_the_exercises():
     assert not any(handout.is_solution(c) for c in copy.cells)
     assert "workbook.answer" in "\n".join(c.source for c in copy.cells)  # exercises stay
     assert len(notebook.cells) > len(copy.cells)  # the original is unchanged
+
+
+def test_published_pages_open_with_the_machine_and_date(tmp_path):
+    publish = load_tool("publish_executed")
+    page = tmp_path / "00_x.html"
+    page.write_text("<html><head></head><body class='jp'>numbers</body></html>")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    text = publish.publish(page, out_dir, "Test CPU, 2 cores").read_text()
+    assert text.index("Test CPU, 2 cores") > text.index("<body class='jp'>")
+    assert text.index("Executed on") < text.index("numbers")
+    with pytest.raises(ValueError, match="nbconvert"):
+        page.write_text("no body")
+        publish.publish(page, out_dir, "x")
