@@ -90,7 +90,8 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-def _check_llama(model) -> None:
+def check_llama(model) -> None:
+    """Refuse, in one line naming the fix, a model the course's loop cannot drive."""
     if not hasattr(model, "model") or not hasattr(model.model, "rotary_emb"):
         raise TypeError(
             f"The course's decode loop drives Llama-architecture models (SmolLM2, Llama-2/3); got "
@@ -155,9 +156,14 @@ def forward(
     return model.lm_head(body.norm(hidden if all_logits else hidden[:, -1:]))
 
 
-def prefill(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the prompt (positions 0…len-1) into the cache; return the first new token (batch, 1)."""
-    logits = forward(model, input_ids, cache, 0, all_logits=False)[:, -1]
+def prefill(
+    model, input_ids: torch.Tensor, cache: KVCache, all_logits: bool = False
+) -> torch.Tensor:
+    """Run the prompt (positions 0…len-1) into the cache; return the first new token (batch, 1).
+
+    `all_logits=True` computes every prompt position's logits, as a plain forward pass does (the
+    first token is the same; only the work differs)."""
+    logits = forward(model, input_ids, cache, 0, all_logits=all_logits)[:, -1]
     check_finite(
         "the prompt's logits", logits, "a weight or the input holds NaN/inf; reload the model"
     )
@@ -307,7 +313,7 @@ def greedy_decode(
     time that takes is `Generation.setup_s`, kept out of TTFT and TPOT.
     """
     new_tokens = checks.whole("new_tokens", new_tokens)
-    _check_llama(model)
+    check_llama(model)
     batch, prompt_len = _check_prompt(input_ids).shape
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and prompt_len + new_tokens > limit:  # as serving.run refuses it
@@ -321,15 +327,7 @@ def greedy_decode(
     step, mode, setup_s = make_step(model, cache, batch, device, compiled)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
-    positions = torch.arange(prompt_len + new_tokens, device=device)
-
-    def first_token():
-        if not all_logits:
-            return prefill(model, input_ids, cache)
-        logits = forward(model, input_ids, cache, 0, all_logits=True)[:, -1]
-        return check_finite("the prompt's logits", logits).argmax(-1, keepdim=True)
-
-    token, ttft = timed(first_token, device, clock)
+    token, ttft = timed(lambda: prefill(model, input_ids, cache, all_logits), device, clock)
 
     out, step_s = [token], []
     for pos in range(prompt_len, prompt_len + new_tokens - 1):
@@ -337,7 +335,9 @@ def greedy_decode(
             finished |= token == eos_token_id
             if finished.all():
                 break
-        token, seconds = timed(lambda t=token, p=pos: step(t, positions[p : p + 1]), device, clock)
+        token, seconds = timed(
+            lambda t=token, p=pos: step(t, cache.positions[p : p + 1]), device, clock
+        )
         if eos_token_id is not None:
             token = torch.where(finished, pad, token)  # finished sequences emit padding
         step_s.append(seconds)

@@ -113,12 +113,12 @@ def test_paged_gather_equals_the_contiguous_cache(tiny_llama):
         forward(tiny_llama, prompt.unsqueeze(0), contiguous, 0)
     paged = serving.PagedKVCache(tiny_llama.config, kv_blocks=8, block_size=4,
                                  dtype=torch.float32, device="cpu")  # fmt: skip
-    seq = serving._Seq(0, serving.Request(prompt, 1), prompt.tolist(), 11, table=[6, 1, 4])
-    serving._forward(tiny_llama, paged, [(seq, 11)], [True])
-    slots = paged.slots(seq.table, range(11))
+    table = [6, 1, 4]
+    serving.paged.forward(tiny_llama, paged, [serving.Feed(prompt.tolist(), 0, table, last=True)])
+    slots = paged.slots(table, range(11))
     assert slots.tolist()[:5] == [24, 25, 26, 27, 4]  # block 6 holds positions 0-3, block 1 4-7
     for layer in range(tiny_llama.config.num_hidden_layers):
-        keys, values = paged.gather(layer, slots)  # (positions, kv_heads, head_dim)
+        keys, values = paged.read(layer, slots)  # (positions, kv_heads, head_dim)
         torch.testing.assert_close(keys.transpose(0, 1), contiguous.keys[layer][0])
         torch.testing.assert_close(values.transpose(0, 1), contiguous.values[layer][0])
 
