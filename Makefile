@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model run test lint lab figures sync-url clean
+.PHONY: setup model run test lint lab figures sync-url clean vllm
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,17 +18,37 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP) model
 
+# Notebook 06's real server (vLLM) in its own environment; see requirements-vllm.txt.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_KIND ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
+# `make run` starts the server only where this much memory is free (kB): ~4.1 GiB for the server
+# (API server, engine core, worker with a 1 GiB KV cache) + 1.3 GiB for the kernel + headroom.
+VLLM_MIN_FREE_KB := 6291456
+HAS_VLLM_MEMORY := $(shell awk '/MemAvailable/ {print ($$2 >= $(VLLM_MIN_FREE_KB)) ? "yes" : ""}' /proc/meminfo 2>/dev/null)
+
+$(VLLM_STAMP): requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $$(sed -n 's/ *# *$(VLLM_KIND) *$$//p' requirements-vllm.txt)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	! $(VLLM_VENV)/bin/python -m pip show -q torchvision 2>/dev/null
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP) model
+
 model: $(STAMP)
 	COURSE_QUIET=1 $(PY) -m helpers.models prepare
 
-run: setup
+run: setup $(if $(HAS_VLLM_MEMORY),vllm)
+	$(if $(HAS_VLLM_MEMORY),,@echo "notebook 06 runs on stored measurements: this machine has under 6 GiB free for a vLLM server (make vllm builds it)")
 	$(PY) tools/run_notebooks.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup lint
+test: setup vllm lint
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
 
 lab: setup
@@ -41,4 +61,4 @@ sync-url: $(STAMP)
 	$(PY) tools/sync_repo_url.py
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(VLLM_VENV)

@@ -81,9 +81,9 @@ def jobs_from(requests) -> list[Job]:
 
 def at_rate(jobs: list[Job], rate: float, seed: int = 0) -> list[Job]:
     """The same jobs re-timed as a Poisson process of `rate` requests/s (inf: all at once)."""
-    rate = checks.positive("rate", rate)
     if rate == math.inf:
         return [Job(j.prompt, j.max_tokens, 0.0) for j in jobs]
+    rate = checks.positive("rate", rate)
     gaps = np.random.default_rng(seed).exponential(1 / rate, len(jobs))
     return [
         Job(j.prompt, j.max_tokens, float(t)) for j, t in zip(jobs, np.cumsum(gaps), strict=True)

@@ -24,14 +24,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pandas as pd
 import psutil
 
-from helpers import BUILD_DIR, checks, models
+from helpers import BUILD_DIR, checks, loadgen, models
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-vllm"
@@ -215,6 +218,20 @@ def outside() -> Server | None:
     return Server(url=url, model=served[0]["id"])
 
 
+def unavailable() -> str:
+    """Why no server can be had here ("" when one can): the reason names the fix."""
+    if os.environ.get(URL_ENV, "").strip():
+        return ""
+    if not (VENV / "bin" / "python").exists():
+        return f"vLLM is not installed here (`{MAKE_TARGET}` builds {VENV.name})"
+    if (free := psutil.virtual_memory().available) < NEEDS_BYTES:
+        return (
+            f"a vLLM server needs about {NEEDS_BYTES / 2**30:.1f} GiB free and this machine "
+            f"has {free / 2**30:.1f} GiB"
+        )
+    return ""
+
+
 def start(
     model_dir: Path | str | None = None,
     port: int | None = None,
@@ -305,3 +322,176 @@ def _death(srv: Server, when: str) -> str:
             f"cache (kv_cache_gib), or use {URL_ENV}. Last log lines:\n{tail}"
         )
     return f"the server died {when} (exit code {code}). Last log lines of {srv.log_path}:\n{tail}"
+
+
+# --- Reading the server while it works, and a deployment command --------------------------------
+
+GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+
+
+class MetricsSampler:
+    """Reads `/metrics` every `every_s` seconds in a thread while a benchmark runs:
+
+    with server.MetricsSampler(srv.url) as sampler:
+        loadgen.run(...)
+    sampler.frame()   # one row per reading: t_s and each of `names`
+    """
+
+    def __init__(self, url: str, every_s: float = 0.5, names=GAUGES) -> None:
+        self.url, self.every_s, self.names = url, checks.positive("every_s", every_s), names
+        self.rows: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
+
+    def __enter__(self) -> MetricsSampler:
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=2) as client:
+            while not self._stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    m = parse_metrics(client.get(f"{self.url}/metrics").text)
+                    self.rows.append(
+                        {
+                            "t_s": time.perf_counter() - self._t0,
+                            **{n: m.get(n, float("nan")) for n in self.names},
+                        }
+                    )
+                self._stop.wait(self.every_s)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["t_s", *self.names])
+
+
+VLLM_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# vLLM quantizes from a checkpoint made for it (its config says how): name the kind to look for.
+VLLM_QUANTIZED = {
+    "int8": "an int8 (W8A8 or GPTQ 8-bit) checkpoint of the model",
+    "int4": "an AWQ or GPTQ 4-bit checkpoint of the model (e.g. --quantization awq)",
+    "fp8-w8a8": "the bf16 checkpoint with --quantization fp8 (fp8 tensor cores)",
+}
+
+
+def serve_command(model_id: str, config, max_model_len: int, kv_dtype: str | None = None) -> str:
+    """The `vllm serve` command that realises a planner configuration (`planner.best_config`:
+    dtype, tp, batch, replicas), following vLLM's documented flags, with a comment per choice."""
+    dtype, tp, batch = str(config["dtype"]), int(config["tp"]), int(config["batch"])
+    replicas = int(config.get("replicas", 1))
+    lines = [f"vllm serve {model_id}"]
+    if dtype in VLLM_DTYPES:
+        lines.append(f"  --dtype {VLLM_DTYPES[dtype]}")
+    lines += [
+        f"  --tensor-parallel-size {tp}",
+        f"  --max-num-seqs {batch}",
+        f"  --max-model-len {checks.whole('max_model_len', max_model_len)}",
+    ]
+    if replicas > 1:
+        lines.append(f"  --data-parallel-size {replicas}")
+    if kv_dtype in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        lines.append(f"  --kv-cache-dtype {kv_dtype}")
+    notes = [f"# {dtype}: serve {VLLM_QUANTIZED[dtype]}"] if dtype in VLLM_QUANTIZED else []
+    notes.append(
+        f"# {tp} GPU(s) per copy (tensor parallel within one node: NVLink)"
+        + (
+            f", {replicas} copies (data parallel; or separate servers behind a router)"
+            if replicas > 1
+            else ""
+        )
+    )
+    notes.append(
+        "# beyond one node: --pipeline-parallel-size <nodes> with "
+        "--distributed-executor-backend ray, tensor parallel kept inside each node"
+    )
+    return " \\\n".join(lines) + "\n" + "\n".join(notes)
+
+
+# Server-side histograms (vLLM's names): their mean over a window is Δsum ÷ Δcount.
+SERVER_TIMES = {
+    "ttft_s": "vllm:time_to_first_token_seconds",
+    "itl_s": "vllm:inter_token_latency_seconds",
+    "latency_s": "vllm:e2e_request_latency_seconds",
+    "queue_s": "vllm:request_queue_time_seconds",
+    "prefill_s": "vllm:request_prefill_time_seconds",
+}
+
+
+def window(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The server's own means over the requests between two `metrics()` readings: each of
+    SERVER_TIMES (`server_<name>_mean`), requests finished and preemptions."""
+    out = {}
+    for name, metric in SERVER_TIMES.items():
+        n = after.get(f"{metric}_count", 0) - before.get(f"{metric}_count", 0)
+        total = after.get(f"{metric}_sum", 0) - before.get(f"{metric}_sum", 0)
+        out[f"server_{name}_mean"] = total / n if n > 0 else float("nan")
+    for key, metric in (
+        ("server_requests", "vllm:request_success_total"),
+        ("server_preemptions", "vllm:num_preemptions_total"),
+    ):
+        out[key] = after.get(metric, 0) - before.get(metric, 0)
+    return out
+
+
+def measure(
+    srv: Server,
+    jobs,
+    concurrency: int | None = None,
+    slo_ttft_s: float | None = None,
+    slo_tpot_s: float | None = None,
+    **run_kwargs,
+) -> tuple[dict, pd.DataFrame]:
+    """One benchmark point against `srv`: `loadgen.run` (no warm-up: warm the server first)
+    with /metrics sampled meanwhile. Returns (one row: the client's summary, the client's mean
+    TTFT and ITL, the server's own means over the same window, the gauges' mean and peak,
+    and the per-request table)."""
+    before = srv.metrics()
+    with MetricsSampler(srv.url) as sampler:
+        df = loadgen.run(
+            jobs,
+            srv.url,
+            srv.model,
+            concurrency=concurrency,
+            warmup=0,
+            progress=False,
+            **run_kwargs,
+        )
+    srv.check_alive()
+    row = {"concurrency": concurrency, **loadgen.summary(df, slo_ttft_s, slo_tpot_s)}
+    ok = df[df.error == ""]
+    row["client_ttft_mean"] = float(ok.ttft_s.mean())
+    row["client_itl_mean"] = float(np.concatenate([*ok.itl_s, np.empty(0)]).mean())
+    row["client_latency_mean"] = float(ok.latency_s.mean())
+    row.update(window(before, srv.metrics()))
+    gauges = sampler.frame()
+    for name in GAUGES:
+        short = name.removeprefix("vllm:")
+        row[f"{short}_mean"], row[f"{short}_max"] = gauges[name].mean(), gauges[name].max()
+    return row, df
+
+
+def kv_cache_tokens(log: str) -> float:
+    """The KV-cache size vLLM reports in its start log ("KV cache size: 23,296 tokens"); NaN if
+    the log has no such line (another engine, or an outside server)."""
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", log)
+    return float(found[-1].replace(",", "")) if found else float("nan")
+
+
+def provenance(srv: Server, cpu: str) -> dict[str, str | float]:
+    """Columns that say where a stored measurement came from: the machine, the engine and its
+    version, the date, and the load average (another program busy on the cores skews it)."""
+    versions = sorted(p.name for p in VENV.glob("lib/python*/site-packages/vllm*.dist-info"))
+    engine = versions[0].removesuffix(".dist-info").replace("-", " ", 1) if versions else "?"
+    load = os.getloadavg()[0]
+    busy = "contended" if load > (os.cpu_count() or 1) else "idle"
+    return {
+        "machine": f"{cpu} ({os.cpu_count()} cores)",
+        "engine": engine,
+        "date": time.strftime("%Y-%m-%d"),
+        "load_avg_1m": round(load, 2),
+        "source": f"notebook 06 against {srv.url} ({busy}: load average {load:.1f})",
+    }

