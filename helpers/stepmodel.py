@@ -117,7 +117,8 @@ def fit_step_time(steps: pd.DataFrame, knots: Sequence[int] = DEFAULT_KNOTS) -> 
 
     Segments above the largest token count in the log are dropped (the last fitted rate goes
     on). Coefficients are kept ≥ 0. Steps more than 3 median deviations from a first fit (a
-    burst from another program on a shared machine) are left out of the second."""
+    burst from another program on a shared machine) are left out of the last, least-squares
+    fit; the first minimises relative absolute deviation, which a few bursts cannot pull."""
     data, y = _check_log(steps)
     knots = tuple(int(k) for k in knots)
     if not knots or knots[0] != 0 or list(knots) != sorted(set(knots)):
@@ -128,6 +129,9 @@ def fit_step_time(steps: pd.DataFrame, knots: Sequence[int] = DEFAULT_KNOTS) -> 
         raise ValueError("the step log does not vary seqs, tokens and context enough to fit: "
                          "measure steps with several batch sizes and prompt lengths")  # fmt: skip
     coef = _nonnegative_fit(x, y)
+    for _ in range(20):  # least relative *absolute* deviation first (IRLS): a burst can't pull it
+        weight = np.sqrt(1 / np.maximum(np.abs(x @ coef / y - 1), 1e-6)) / y
+        coef = _nonnegative_fit(x * weight[:, None], y * weight)
     deviation = np.abs(y / np.maximum(x @ coef, 1e-12) - 1)
     typical = np.median(deviation)
     calm = deviation <= 3 * typical
@@ -137,26 +141,40 @@ def fit_step_time(steps: pd.DataFrame, knots: Sequence[int] = DEFAULT_KNOTS) -> 
     return StepModel(fixed, per_seq, tuple(rates), per_context, knots)
 
 
-def capacity(clock: Callable[[Step], float], prompts, outputs, batch: int) -> float:
-    """Requests per second served when `batch` sequences decode in every step (saturation).
+def capacity(
+    clock: Callable[[Step], float],
+    prompts,
+    outputs,
+    batch: int,
+    prefill_chunk: int | None = None,
+    samples: int = 4000,
+) -> float:
+    """Requests per second served when `batch` sequences share every step (saturation).
 
-    Each request holds a seat for as many steps as it makes tokens (its prefill step gives the
-    first), so a request costs outputs ÷ batch decode steps, plus what its prompt adds to the
-    step it rides on: clock(a step with one decode replaced by the prompt) − clock(decode)."""
-    prompts, outputs = np.asarray(prompts, dtype=float), np.asarray(outputs, dtype=float)
+    A request holds a seat for one step per token it makes (its last prefill step gives the
+    first) plus one per earlier prompt chunk, so `batch` seats finish batch ÷ seats requests
+    per step. A step carries k prompt chunks — k drawn as a Poisson count with the mean that
+    rate implies, the chunks drawn from the workload's — and `batch` − k decodes; its cost is
+    the clock's, averaged over `samples` such steps (seeded). Capacity = requests per step ÷
+    mean step seconds."""
+    prompts, outputs = np.asarray(prompts, dtype=int), np.asarray(outputs, dtype=float)
     batch = checks.whole("batch", batch)
     if prompts.size == 0 or prompts.shape != outputs.shape:
         raise ValueError("prompts and outputs must be equal-length lists of token counts")
-    seat_context = prompts.mean() + (outputs**2).mean() / (2 * outputs.mean())
-    context = int(batch * seat_context)
-    decode = clock(Step(batch, batch, context, 0, batch))
-    ride = np.array([
-        clock(Step(batch, batch - 1 + int(p), int(context - seat_context + p), int(p), batch - 1))
-        for p in np.unique(prompts)
-    ]) - decode  # fmt: skip
-    extra = dict(zip(np.unique(prompts), ride, strict=True))
-    per_request = outputs.mean() / batch * decode + np.mean([extra[p] for p in prompts])
-    return float(1 / per_request)
+    chunk = int(prefill_chunk) if prefill_chunk else None
+    pieces = [[p] if chunk is None else [min(chunk, p - i) for i in range(0, p, chunk)]
+              for p in prompts]  # fmt: skip
+    seats = outputs.mean() + np.mean([len(c) - 1 for c in pieces])
+    pool = np.array([x for c in pieces for x in c])
+    rng = np.random.default_rng(0)
+    counts = np.minimum(rng.poisson(batch * np.mean([len(c) for c in pieces]) / seats, samples),
+                        batch)  # fmt: skip
+    context = batch * (prompts.mean() + (outputs**2).mean() / (2 * outputs.mean()))
+    total = 0.0
+    for k in counts:
+        fed = int(rng.choice(pool, k).sum()) if k else 0
+        total += clock(Step(batch, batch - k + fed, int(context), fed, batch - k))
+    return float(batch / seats / (total / samples))
 
 
 def roofline_step_time(model, gpu, dtype: str = "bf16") -> Callable[[Step], float]:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import serving
+from helpers import planner, serving, shapes
 from helpers.decode import KVCache, forward, greedy_decode
 
 
@@ -205,24 +205,192 @@ def test_poisson_trace_is_seeded_and_follows_the_published_lengths():
     assert measured == pytest.approx(median_prompt, rel=0.1)
 
 
-def test_fit_step_time_recovers_a_known_model():
-    truth = serving.StepModel(0.05, 0.004, 0.002, 1e-5)
-    rng = np.random.default_rng(0)
+PLANTED = serving.StepModel(0.02, 0.001, (0.004, 0.001, 0.0005, 0.0002), 2e-6, (0, 8, 32, 128))
+
+
+def planted_log(truth, n=80, seed=0):
+    """Decode steps of batch 1-32 and prefill chunks of up to 256 tokens, priced by `truth`."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for _ in range(40):
-        s = serving.Step(int(rng.integers(1, 16)), int(rng.integers(1, 300)),
-                         int(rng.integers(10, 3000)))  # fmt: skip
+    for i in range(n):
+        seqs = int(rng.integers(1, 33))
+        tokens = seqs if i % 2 else seqs - 1 + int(rng.integers(2, 257))  # decode / + a chunk
+        s = serving.Step(seqs, tokens, int(rng.integers(10 * seqs, 200 * seqs)))
         rows.append({"seqs": s.seqs, "tokens": s.tokens, "context": s.context, "step_s": truth(s)})
-    log = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def test_fit_step_time_recovers_a_batch_dependent_rate():
+    """The planted per-token cost falls from 4 ms (tokens 1-8) to 0.2 ms (past 128): the fit
+    finds every segment's rate, and a single-rate model (knots (0,)) cannot."""
+    log = planted_log(PLANTED)
     fit = serving.fit_step_time(log)
-    for name in ("fixed", "per_seq", "per_token", "per_context"):
-        assert getattr(fit, name) == pytest.approx(getattr(truth, name), rel=1e-6)
-    log.loc[[3, 17], "step_s"] *= 20  # two steps slowed by another program: left out of the fit
-    noisy = rng.normal(1, 0.02, len(log))
-    log["step_s"] *= noisy
+    assert fit.knots == PLANTED.knots
+    for name in ("fixed", "per_seq", "per_context"):
+        assert getattr(fit, name) == pytest.approx(getattr(PLANTED, name), rel=1e-6, abs=1e-12)
+    assert fit.per_token == pytest.approx(PLANTED.per_token, rel=1e-6)
+    linear = serving.fit_step_time(log, knots=(0,))
+    misses = [linear(s) / PLANTED(s) - 1 for s in (serving.Step(b, b, 100 * b) for b in (1, 32))]
+    assert max(map(abs, misses)) > 0.1  # one rate misprices decode at one end or the other
+    decode8 = serving.Step(8, 8, 800)
+    log.loc[[3, 17], "step_s"] *= 20  # two steps slowed by another program: left out
+    log["step_s"] *= np.random.default_rng(1).normal(1, 0.02, len(log))
     fit = serving.fit_step_time(log)
-    assert fit.fixed == pytest.approx(truth.fixed, rel=0.2)
-    assert fit.per_token == pytest.approx(truth.per_token, rel=0.1)
+    assert fit(decode8) == pytest.approx(PLANTED(decode8), rel=0.05)
+    assert fit.per_token[0] == pytest.approx(PLANTED.per_token[0], rel=0.2)
+
+
+def test_a_linear_truth_is_recovered_by_the_segmented_fit():
+    truth = serving.StepModel(0.05, 0.004, 0.002, 1e-5)  # one rate: every segment gets it
+    fit = serving.fit_step_time(planted_log(truth))
+    assert fit.per_token == pytest.approx((0.002,) * 4, rel=1e-6)
+    assert fit.fixed == pytest.approx(0.05, rel=1e-6)
+
+
+@pytest.mark.parametrize("batch, chunk", [(2, None), (8, None), (8, 64), (32, None)])
+def test_capacity_matches_the_simulators_saturation_throughput(batch, chunk):
+    requests = serving.poisson_trace(rate=1e4, n=1500, seed=3, scale=1 / 16, max_prompt=192,
+                                     max_output=24)  # fmt: skip
+    df = serving.run(None, requests, max_batch=batch, kv_blocks=10**5, prefill_chunk=chunk,
+                     clock=PLANTED)  # fmt: skip
+    served = serving.summary(df)["requests_per_s"]
+    predicted = serving.capacity(PLANTED, [r.prompt_ids.numel() for r in requests],
+                                 [r.length for r in requests], batch, chunk)  # fmt: skip
+    assert predicted == pytest.approx(served, rel=0.08)
+
+
+def test_request_metrics_on_a_hand_worked_request():
+    """Arrives at 0.2 s; tokens at 1.0, 1.5, 3.5 s. TTFT 0.8; TPOT excludes the first token:
+    (3.5 − 1.0) / 2 = 1.25; gaps 0.5 and 2.0, so the worst is 2.0; E2E 3.3."""
+    m = serving.request_metrics([1.0, 1.5, 3.5], 0.2)
+    assert m == pytest.approx({"ttft_s": 0.8, "tpot_s": 1.25, "max_itl_s": 2.0, "latency_s": 3.3})
+    one = serving.request_metrics([1.0], 0.0)
+    assert one["ttft_s"] == 1.0 and math.isnan(one["tpot_s"]) and math.isnan(one["max_itl_s"])
+
+
+def test_itl_and_worst_gap_on_a_stalled_stream():
+    """A (prompt 2, 4 tokens) decodes; B's 8-token prompt arrives at 1.5. Steps cost 1 s plus
+    0.5 s per prompt token beyond 2. Unchunked, B's prefill step costs 1 + 0.5·6 = 4 s, and A's
+    gap across it is 4 s; in chunks of 2 every step costs 1 s and A's gaps stay 1 s."""
+
+    def clock(step):
+        return 1.0 + 0.5 * max(0, step.prefill_tokens - 2)
+
+    worst = {}
+    for chunk in (None, 2):
+        df = serving.run(None, make_requests([(2, 4, 0.0), (8, 2, 1.5)]), max_batch=2,
+                         block_size=2, kv_blocks=16, prefill_chunk=chunk, clock=clock)  # fmt: skip
+        worst[chunk] = df.max_itl_s[0]
+        gaps = serving.inter_token_latencies(df)
+        assert len(gaps) == (4 - 1) + (2 - 1)
+        assert df.tpot_s[0] == pytest.approx((df.finish_s[0] - df.first_token_s[0]) / 3)
+    assert worst == {None: 4.0, 2: 1.0}
+
+
+def test_requests_stop_at_their_sampled_length_with_the_tokens_of_decoding_alone(tiny_llama):
+    spec = [(5, 6, 0.0), (12, 3, 0.0), (3, 8, 0.01), (9, 7, 0.03)]
+    stop = [2, 3, 5, 1]  # true answer lengths under the caps
+    requests = [serving.Request(r.prompt_ids, r.max_new_tokens, r.arrival_s, n)
+                for r, n in zip(make_requests(spec), stop, strict=True)]  # fmt: skip
+    df = serving.run(tiny_llama, requests, max_batch=3, block_size=4, kv_blocks=16,
+                     prefill_chunk=4, clock=linear_steps)  # fmt: skip
+    assert df.output_tokens.tolist() == stop
+    for row, r in zip(df.itertuples(), requests, strict=True):
+        solo = greedy_decode(tiny_llama, r.prompt_ids.unsqueeze(0), r.output_tokens).tokens[0]
+        assert row.tokens == solo.tolist()
+    steps = df.attrs["steps"]  # the reservation baseline still counts the caps it was sent
+    assert (steps.reserved_tokens > steps.kv_tokens).any()
+
+
+def test_poisson_trace_caps_lengths_without_revealing_them():
+    requests = serving.poisson_trace(rate=5.0, n=500, seed=1, scale=1 / 16, max_output=24)
+    assert {r.max_new_tokens for r in requests} == {24}
+    lengths = [r.length for r in requests]
+    assert max(lengths) == 24 and min(lengths) >= 1 and np.median(lengths) < 24
+
+
+def test_queue_time_counts_until_a_request_first_runs():
+    """Blocks of 1 slot, 4 in all. A (prompt 2, 3 new) starts at 0 and grows to 4 blocks by
+    step 3; B (prompt 2) arrives at 0.5. At t = 1 two blocks are free, but A grows first and
+    takes one, so B cannot start: it waits until A leaves at 3 (queue 2.5 s). Admitting B
+    before planning A would have stamped it admitted at 1 and preempted it in that step."""
+    df = serving.run(None, make_requests([(2, 3, 0.0), (2, 2, 0.5)]), max_batch=2,
+                     block_size=1, kv_blocks=4, clock=unit_steps)  # fmt: skip
+    assert df.admitted_s.tolist() == [0.0, 3.0]
+    assert df.queue_s[1] == 2.5 and df.preemptions.sum() == 0
+    assert df.attrs["steps"].preempted.sum() == 0
+
+
+def test_the_step_never_admits_in_a_step_that_preempted():
+    requests = make_requests(MIXED)
+    df = serving.run(None, requests, max_batch=4, block_size=2, kv_blocks=12, clock=linear_steps)
+    steps = df.attrs["steps"]
+    assert steps.preempted.sum() > 0 and df.preemptions.sum() > 0
+    first_run = {}  # request → the start of the first step it was admitted in
+    for r in df.itertuples():
+        assert r.admitted_s in set(steps.start_s), "admitted at a time no step started"
+        first_run[r.request] = r.admitted_s
+    admitted_at = pd.Series(first_run).value_counts()
+    preempting = set(steps.start_s[steps.preempted > 0])
+    assert not preempting & set(admitted_at.index)
+
+
+def test_roofline_clock_lets_a_chunk_ride_on_a_memory_bound_decode():
+    """Llama-3-8B on an H100: a batch-64 decode reads 16 GB of weights (memory-bound), so a
+    256-token chunk adds only its KV bytes; a 4,096-token chunk turns the step compute-bound at
+    2 FLOPs per weight per token ÷ the peak."""
+    clock = serving.roofline_step_time("llama-3-8b", "h100-sxm", "bf16")
+    spec = planner.gpu("h100-sxm")
+    shape = shapes.Shape.of("llama-3-8b")
+    decode = clock(serving.Step(64, 64, 64 * 512))
+    ride = clock(serving.Step(65, 64 + 256, 64 * 512 + 256))
+    kv_256 = shapes.kv_cache_bytes(shape, 1, 256, 2) / (
+        spec.bandwidth * spec.engine.memory_efficiency
+    )
+    assert ride - decode == pytest.approx(kv_256, rel=1e-6)
+    big = clock(serving.Step(65, 64 + 4096, 64 * 512 + 4096))
+    flops = 2 * shape.linear_params * (64 + 4096)
+    assert big > decode + 0.5 * flops / spec.flops
+    summed = serving.planner_step_time("llama-3-8b", "h100-sxm", "bf16")
+    assert summed(serving.Step(65, 64 + 256, 64 * 512 + 256)) > ride  # no overlap: the sum
+
+
+def test_goodput_in_both_definitions():
+    df = serving.run(None, make_requests(HAND), max_batch=2, block_size=2, kv_blocks=16,
+                     clock=unit_steps)  # fmt: skip
+    # TTFTs 1, 1, 1.5; TPOTs 1, 1, 1: a 1.2 s TTFT target is met by A and B, over 4 s of run.
+    assert serving.goodput(df, ttft_s=1.2, tpot_s=1.0) == pytest.approx(2 / 4)
+    assert serving.met_targets(df, 2.0, 1.0).all()
+    rates, attainment = [1, 2, 4, 8], [1.0, 0.95, 0.85, 0.97]
+    assert serving.max_rate_meeting(rates, attainment, target=0.9) == 2  # stops at the first miss
+    assert serving.max_rate_meeting(rates, [0.5] * 4, target=0.9) == 0
+
+
+class Float64Cache(serving.PagedKVCache):
+    """A cache with its own storage (as a quantized one would have): float64, one tensor."""
+
+    def allocate(self, slots, dtype, device):
+        self.writes = 0
+        return torch.zeros(2, slots, self.kv_heads, self.head_dim, dtype=torch.float64)
+
+    def write(self, layer, slots, k, v):
+        self.writes += 1
+        self.storage[layer][0].index_copy_(0, slots, k.double())
+        self.storage[layer][1].index_copy_(0, slots, v.double())
+
+    def read(self, layer, slots):
+        kv = self.storage[layer][:, slots]
+        return kv[0].float(), kv[1].float()
+
+
+def test_a_cache_subclass_replaces_only_the_storage(tiny_llama):
+    request = make_requests([(9, 1, 0.0)])[0]
+    cache = Float64Cache(tiny_llama.config, kv_blocks=8, block_size=4, dtype=torch.float32,
+                         device="cpu")  # fmt: skip
+    table, ids = [3, 0, 5], request.prompt_ids.tolist()
+    token = serving.paged.forward(tiny_llama, cache, [serving.Feed(ids, 0, table, last=True)])
+    assert token == alone(tiny_llama, request).tolist()
+    assert cache.writes == tiny_llama.config.num_hidden_layers
 
 
 def test_planner_clock_grows_with_the_work():
