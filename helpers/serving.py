@@ -151,20 +151,21 @@ class ServingEngine:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self, now: float) -> float | None:
-        """One iteration at time `now`: plan, forward, retire; its seconds (None: nothing ran)."""
+        """One iteration at time `now` (vLLM v1's order); its seconds, or None if nothing ran.
+        Notebook 05 writes the same function out (tests/test_notebook_05.py checks it)."""
         start = time.perf_counter()
-        budget = self.prefill_budget()
-        work, preempted = [], []
-        for seq in list(self.running):  # 1. the running requests first, oldest first
+        budget = self.prefill_budget()  # prompt tokens this step may carry (chunked prefill)
+        work, preempted = [], []  # work: (sequence, tokens it feeds)
+        for seq in list(self.running):  # 1. running requests first, oldest first
             if seq in preempted:
                 continue
             n = self.feed_size(seq, budget)
-            preempted += self.make_room(seq, seq.cached + n)  # the youngest go first
+            preempted += self.make_room(seq, seq.cached + n)  # short of blocks: youngest out
             if seq not in preempted:
                 self.grow(seq, seq.cached + n)
                 work.append((seq, n))
                 budget -= n if n > 1 else 0
-        while not preempted and (seq := self.next_admissible(budget)):  # 2. admit newcomers
+        while not preempted and (seq := self.next_admissible(budget)):  # 2. then newcomers
             n = self.feed_size(seq, budget)
             self.admit(seq, now)
             self.grow(seq, seq.cached + n)
@@ -172,11 +173,9 @@ class ServingEngine:
             budget -= n if n > 1 else 0
         if not work:
             return None
-        tokens = self.forward(work)  # 3. one forward pass
-        shape = step_shape(work)
-        wall = time.perf_counter() - start
-        seconds = wall if self.clock == "wall" else _clock_seconds(self.clock, shape, self)
-        self.log(now, seconds, work, shape, len(preempted))
+        tokens = self.forward(work)  # 3. one forward pass over every fed token
+        seconds = self.seconds(work, time.perf_counter() - start)
+        self.log(now, seconds, work, len(preempted))
         self.advance(work, tokens, now + seconds)  # 4. new tokens out, finished ones retired
         return seconds
 
@@ -263,8 +262,14 @@ class ServingEngine:
                     seq.table = []
                     self.finished += 1
 
-    def log(self, now, step_s, work, shape: Step, preempted: int) -> None:
-        fed = {id(s): n for s, n in work}
+    def seconds(self, work: list[tuple[Seq, int]], wall_s: float) -> float:
+        """What the step cost: `wall_s` as timed, or the virtual clock's price of its shape."""
+        return (
+            wall_s if self.clock == "wall" else _clock_seconds(self.clock, step_shape(work), self)
+        )
+
+    def log(self, now: float, step_s: float, work: list[tuple[Seq, int]], preempted: int) -> None:
+        shape, fed = step_shape(work), {id(s): n for s, n in work}
         self.steps.append({
             "start_s": now, "step_s": step_s, "seqs": shape.seqs, "decode_seqs": shape.decode_seqs,
             "prefill_seqs": shape.seqs - shape.decode_seqs, "prefill_tokens": shape.prefill_tokens,
@@ -321,12 +326,16 @@ def run(
     kv_blocks: int = 256,
     prefill_chunk: int | None = None,
     clock: str | Callable[[Step], float] = "wall",
+    step: Callable[[ServingEngine, float], float | None] | None = None,
 ) -> pd.DataFrame:
     """Serve `requests` (sorted by arrival) and return one row per request (module docstring).
 
     `model`: a Llama-architecture model, or None to simulate the schedule without computing
     (then `clock` must be a step-time function). Greedy decoding; each request stops at its
-    `output_tokens` (or at `max_new_tokens`)."""
+    `output_tokens` (or at `max_new_tokens`). `step(engine, now)`: a step function to use
+    instead of `ServingEngine.step` (notebook 05 runs its own)."""
+    if step is not None and not callable(step):
+        raise TypeError("step must be None or a function (engine, now) -> seconds or None")
     engine = _engine(model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock)
     requests = _check_requests(
         requests,
@@ -345,7 +354,7 @@ def run(
         while pending and pending[0].request.arrival_s <= now:
             engine.waiting.append(pending.popleft())
             engine.arrived += 1
-        seconds = engine.step(now)
+        seconds = engine.step(now) if step is None else step(engine, now)
         if seconds is not None:
             now += seconds
         elif not engine.running and pending:  # idle: jump (or wait) to the next arrival
