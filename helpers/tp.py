@@ -7,7 +7,9 @@ prediction of a TP step) in its `idea` cells; this module holds what its measure
 * `slowest`, `fastest`, `timed_parts`: a TP layer timed on every rank in its parts — this rank's
   compute, the **skew** (how long the fastest rank waits for the slowest), and the collective
   itself, timed alone after a barrier so that no rank's wait is counted as communication;
-* `fit_alpha_beta`: t(n) = α + β·n fitted to all-reduce timings.
+* `fit_alpha_beta`: t(n) = α + β·n fitted to all-reduce timings;
+* `miss_by_part`, `largest_miss`, `explain_miss`: which part of a TP layer a prediction got
+  wrong, as numbers and as the sentence that says it.
 
 The process launcher lives in `helpers.launch`; `launch`, `WorkerError` and `NotebookFunction`
 are importable from here too, as `helpers.tp.launch` has always been.
@@ -15,6 +17,7 @@ are importable from here too, as `helpers.tp.launch` has always been.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -34,8 +37,8 @@ from helpers.launch import (
 
 __all__ = [
     "COLLECTIVE_BACKENDS", "COLWISE", "ROWWISE", "NotebookFunction", "Results", "WorkerError",
-    "check_world", "default_backend", "fastest", "fit_alpha_beta", "launch", "llama_plan",
-    "slowest", "timed_parts",
+    "check_world", "default_backend", "explain_miss", "fastest", "fit_alpha_beta", "largest_miss",
+    "launch", "llama_plan", "miss_by_part", "slowest", "timed_parts", "PART_NAMES",
 ]  # fmt: skip
 
 # --- Sharding a Llama ----------------------------------------------------------------------
@@ -89,15 +92,17 @@ def timed_parts(
     In one set of runs the parts: this rank's `compute`, then a barrier, then the `collective`
     alone — every rank enters it together, so its time is the collective's own and not a wait
     for a slower rank. In another set the whole layer as it really runs (no barrier inside).
-    Returns seconds per timed run, the same on every rank:
-    `compute` and `comm` (the slowest rank's), `skew` (slowest − fastest rank's compute: what
-    the fastest rank waits inside a real all-reduce) and `total` (the whole layer, slowest rank).
-    A real layer costs about compute + comm; "total − compute" of a rank would add its skew.
+    Returns seconds per timed run, the same on every rank: `compute` and `comm` (the slowest
+    rank's), `skew` (from the first rank reaching the collective to the last: what the first
+    waits inside a real all-reduce, from uneven work or uneven starts) and `total` (the whole
+    layer, slowest rank). "total − compute" of one rank would count its wait as communication.
+    The skew compares clock readings of the ranks: they must share a clock (one machine).
     """
-    compute_s, comm_s = [], []
+    compute_s, arrived, comm_s = [], [], []
 
     def parts():
         out, seconds = bench.timed(compute, device)
+        arrived.append(time.perf_counter())  # one clock for every process of a machine
         compute_s.append(seconds)
         dist.barrier()  # everyone starts the collective together
         comm_s.append(bench.timed(lambda: collective(out), device)[1])
@@ -105,13 +110,13 @@ def timed_parts(
     runs = dict(warmup=warmup, repeats=repeats, device=device, before_each=dist.barrier)
     bench.measure(parts, **runs)
     whole = bench.measure(lambda: collective(compute()), **runs)
-    compute_s, comm_s = compute_s[warmup:], comm_s[warmup:]  # the runs bench.measure timed
-    high, low = slowest(compute_s, device), fastest(compute_s, device)
+    timed = slice(warmup, None)  # the runs bench.measure timed
+    last, first = slowest(arrived[timed], device), fastest(arrived[timed], device)
     return {
         "total": slowest(whole.samples, device),
-        "compute": high,
-        "skew": [h - lo for h, lo in zip(high, low, strict=True)],
-        "comm": slowest(comm_s, device),
+        "compute": slowest(compute_s[timed], device),
+        "skew": [end - start for end, start in zip(last, first, strict=True)],
+        "comm": slowest(comm_s[timed], device),
     }
 
 
@@ -127,3 +132,51 @@ def fit_alpha_beta(message_bytes, seconds) -> tuple[float, float]:
     t = np.asarray(seconds, dtype=float)
     beta, alpha = np.polyfit(n, t, 1, w=1 / t)
     return float(alpha), float(beta)
+
+
+# --- Why a prediction missed ---------------------------------------------------------------
+
+PART_NAMES = {
+    "compute": "the matmuls (the slowest rank's)",
+    "comm": "the all-reduce",
+    "rest": "the rest of the total (whole-layer runs minus their parts: waits between the ranks, "
+    "and load that changed between the runs)",
+}
+
+
+def miss_by_part(
+    measured_s: float, compute_s: float, compute_predicted_s: float, comm_s: float,
+    comm_predicted_s: float,
+) -> dict[str, float]:  # fmt: skip
+    """Seconds by which each part of a TP layer exceeded its prediction (TP 1 ÷ t, α + β·n):
+    the slowest rank's compute, the all-reduce timed alone, and the rest of the measured total
+    (predicted as 0). They add up to measured − predicted."""
+    return {
+        "compute": compute_s - compute_predicted_s,
+        "comm": comm_s - comm_predicted_s,
+        "rest": measured_s - compute_s - comm_s,
+    }
+
+
+def largest_miss(gaps: dict[str, float]) -> str:
+    """The part (`compute`, `comm` or `rest`) that missed its prediction by the most."""
+    return max(gaps, key=lambda k: abs(gaps[k]))
+
+
+def explain_miss(
+    measured_s: float, predicted_s: float, compute_s: float, compute_predicted_s: float,
+    comm_s: float, comm_predicted_s: float, skew_s: float,
+) -> str:  # fmt: skip
+    """Which part of a TP layer its prediction (TP 1 ÷ t + α + β·n) got most wrong, in ms."""
+    gaps = miss_by_part(measured_s, compute_s, compute_predicted_s, comm_s, comm_predicted_s)
+    worst = largest_miss(gaps)
+    more = "more" if gaps[worst] > 0 else "less"
+    return (
+        f"measured {measured_s * 1e3:.3g} ms vs predicted {predicted_s * 1e3:.3g} ms "
+        f"({measured_s / predicted_s - 1:+.0%}): matmuls {compute_s * 1e3:.3g} ms vs "
+        f"{compute_predicted_s * 1e3:.3g} (TP 1 ÷ t); all-reduce {comm_s * 1e3:.3g} ms vs "
+        f"{comm_predicted_s * 1e3:.3g} (α + β·n); the rest {gaps['rest'] * 1e3:.3g} ms vs 0, "
+        f"beside {skew_s * 1e3:.3g} ms of skew between the ranks' arrivals. "
+        f"The largest gap: {PART_NAMES[worst]}, {abs(gaps[worst]) * 1e3:.3g} ms {more} than "
+        "predicted."
+    )

@@ -2,6 +2,7 @@
 step and the TPOT-vs-TP model itself: they must give the unsplit answer, run on real ranks as
 the notebook runs them, and agree with known answers and with the planner."""
 
+import dataclasses
 import socket
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from helpers import launch
+from helpers import launch, planner, shapes
 from tests.notebook_defs import definitions, idea_cells
 
 nb = definitions("03_tensor_parallelism")
@@ -118,3 +119,64 @@ def test_two_gloo_processes_running_the_notebooks_mlp_equal_one(tmp_path):
     assert len(outs) == 2
     for out in outs:
         torch.testing.assert_close(out, reference_mlp(x, gate, up, down))
+
+
+def test_the_predicted_tp_time_splits_the_work_and_adds_one_all_reduce():
+    # 8 ms of matmuls on 2 devices: 4 ms each, + α 1 ms + 1 MB at 1 GB/s (1 ms)
+    assert nb.predicted_tp_time(8e-3, 2, 1e-3, 1e-9, 1e6) == pytest.approx(6e-3)
+    assert nb.predicted_tp_time(8e-3, 1, 1e-3, 1e-9, 1e6) == 8e-3  # TP 1 has no all-reduce
+
+
+LLAMA = {"model": "llama-2-7b", "dtype": "fp16", "prompt_tokens": 512, "new_tokens": 128}
+DEGREES = [1, 2, 4, 8, 16, 32]  # Llama-2-7B's 32 heads and 32 KV heads split up to 32 ways
+
+
+def h100_with(alpha_s, per_rank_s):
+    spec = planner.gpu("h100-sxm", "production")
+    engine = dataclasses.replace(spec.engine, allreduce_s=alpha_s, allreduce_per_rank_s=per_rank_s)
+    return dataclasses.replace(spec, engine=engine)
+
+
+def formula_terms(spec):
+    """The notebook's TPOT(t) ≈ W ÷ (t·BW) + L·c + 2L·α(t) for Llama-2-7B on `spec`, W the weights
+    plus the KV cache a decode step reads at the planner's context (prompt + half the answer)."""
+    shape = shapes.Shape.of("llama-2-7b")
+    context = LLAMA["prompt_tokens"] + LLAMA["new_tokens"] // 2
+    w = shape.linear_params * 2 + shapes.kv_cache_bytes(shape, 1, context, 2)
+    bandwidth = spec.bandwidth * spec.engine.memory_efficiency
+    engine = spec.engine
+    return dict(weight_bytes=w, bandwidth=bandwidth, layers=shape.layers, layer_s=engine.layer_s,
+                alpha=engine.alpha_s)  # fmt: skip
+
+
+def planner_tpot(spec, t):
+    return planner.predict(**LLAMA, gpu=spec, tp=t, batch=1).tpot_s
+
+
+@pytest.mark.parametrize(
+    ("alpha_s", "per_rank_s", "stops_at"),
+    [
+        (50e-6, 0.0, 1),  # 2L·α(2) = 3.2 ms > W ÷ (2·BW) ≈ 2.9 ms: TP 2 is already slower
+        (20e-6, 2e-6, 8),  # t* = √(W ÷ (4·L·s·BW)) ≈ 4.3: 4 → 8 still pays, 8 → 16 does not
+        (4e-6, 0.0, 32),  # a flat α: TPOT falls all the way (by ever less)
+    ],
+)
+def test_the_tpot_formula_stops_falling_where_the_planner_does(alpha_s, per_rank_s, stops_at):
+    spec = h100_with(alpha_s, per_rank_s)
+    terms = formula_terms(spec)
+    planned = [planner_tpot(spec, t) for t in DEGREES]
+    for t, p in zip(DEGREES, planned, strict=True):
+        assert nb.tpot_model(t, **terms) == pytest.approx(p, rel=0.02)  # the planner adds FLOPs
+    rises = [
+        t for t, now, after in zip(DEGREES, planned, planned[1:], strict=False) if after >= now
+    ]
+    assert nb.tp_where_tpot_stops_falling(DEGREES, **terms) == (rises or DEGREES[-1:])[0]
+    assert nb.tp_where_tpot_stops_falling(DEGREES, **terms) == stops_at
+
+
+def test_tp_star_is_where_a_doubling_stops_paying():
+    w, bw, layers, s = 13.5e9, 2.8e12, 32, 2e-6
+    t_star = nb.tp_star(w, bw, layers, s)
+    saved, cost = w / (2 * t_star * bw), 2 * layers * s * t_star  # doubling from t*: a tie
+    assert saved == pytest.approx(cost)
+    assert nb.tp_star(w, bw, layers, 0.0) == float("inf")

@@ -283,3 +283,19 @@ def test_the_llama_in_notebook_03_splits_2_or_4_ways_not_8():
 def test_the_launcher_is_still_reachable_from_tp():
     assert tp.launch is launch.launch and tp.WorkerError is launch.WorkerError
     assert launch.COLLECTIVE_BACKENDS == ("gloo", "nccl")
+
+
+def test_explain_miss_names_the_part_that_missed_most():
+    # predicted 1.5 + 0.5 = 2 ms; the matmuls took 1.6 ms, the all-reduce 2.4 ms: comm missed
+    text = tp.explain_miss(4.1e-3, 2e-3, 1.6e-3, 1.5e-3, 2.4e-3, 0.5e-3, 0.2e-3)
+    assert text.startswith("measured 4.1 ms vs predicted 2 ms (+105%)")
+    assert "the rest 0.1 ms vs 0, beside 0.2 ms of skew" in text
+    assert text.endswith("the all-reduce, 1.9 ms more than predicted.")
+    text = tp.explain_miss(1e-3, 2e-3, 0.7e-3, 1.5e-3, 0.3e-3, 0.5e-3, 0.0)
+    assert "(-50%)" in text and "the matmuls" in text and "0.8 ms less than predicted" in text
+
+
+def test_the_parts_of_a_miss_add_up_to_the_whole_miss():
+    gaps = tp.miss_by_part(4.1e-3, 1.6e-3, 1.5e-3, 2.4e-3, 0.5e-3)
+    assert sum(gaps.values()) == pytest.approx(4.1e-3 - (1.5e-3 + 0.5e-3))
+    assert tp.largest_miss(gaps) == "comm" and gaps["rest"] == pytest.approx(0.1e-3)
