@@ -92,6 +92,7 @@ __all__ = [
     "engines",
     "gpu",
     "gpu_spec",
+    "implied_matmul_rate",
     "kernel",
     "largest_batch",
     "predict",
@@ -565,3 +566,30 @@ def versus_published(roles=("check", "calibration")) -> pd.DataFrame:
         )
     out = pd.DataFrame(rows)
     return out.assign(error=out.predicted / out.published - 1)
+
+
+def implied_matmul_rate(row) -> float:
+    """The matmul FLOP/s a published first-token time implies, everything else as predicted:
+    the prefill's matmul FLOPs ÷ (the published TTFT − the rest of the predicted step). A
+    diagnosis of a miss (which rate the kernels really reached), never fed back into a preset.
+
+    `row`: a row of `published_results()` (a Series or an itertuples row) with metric ttft_ms."""
+    r = row.to_dict() if isinstance(row, pd.Series) else dict(row._asdict())
+    if r.get("metric") != "ttft_ms":
+        raise ValueError(f"row must be a published ttft_ms row, got metric {r.get('metric')!r}")
+    kv_dtype = r["kv_dtype"] if isinstance(r.get("kv_dtype"), str) else None
+    spec = gpu_spec(r["gpu"], r["engine"])
+    shape, spec, dtype, tp, kv_dtype = _checked(
+        r["model"], spec, r["dtype"], int(r["tp"]), kv_dtype
+    )
+    batch, prompt = int(r["batch"]), int(r["prompt_tokens"])
+    step = step_time(shape, spec, dtype, tp, batch, prompt, prompt, kv_dtype)
+    matmul_flops = 2 * shape.linear_params * batch * prompt / tp
+    rest_s = step.total_s - matmul_flops / square_flops(spec, dtype)
+    left_s = r["value"] / 1e3 - rest_s
+    if left_s <= 0:
+        raise ValueError(
+            f"the published {r['value']} ms is below the predicted rest of the step "
+            f"({rest_s * 1e3:.2f} ms): no matmul rate explains it"
+        )
+    return matmul_flops / left_s

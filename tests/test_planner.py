@@ -352,3 +352,18 @@ def test_the_engine_presets_are_built_from_their_derivation_rows():
     slope, at_2 = np.polyfit([0, 2, 6], alphas, 1)
     assert derived["compiled", "allreduce_s"] == pytest.approx(at_2)
     assert planner.gpu is planner.gpu_spec  # the old name notebooks call
+
+
+def test_implied_matmul_rate_recovers_the_rate_a_ttft_was_predicted_with():
+    t = planner.published_results()
+    row = t[(t.metric == "ttft_ms") & (t.gpu == "h100-sxm")].iloc[0].copy()
+    spec = planner.gpu_spec(row.gpu, row.engine)
+    p = planner.predict(model=row.model, gpu=spec, dtype=row["dtype"], tp=int(row.tp), batch=1,
+                        prompt_tokens=int(row.prompt_tokens), kv_dtype=row.kv_dtype)  # fmt: skip
+    row["value"] = p.ttft_s * 1e3  # a "published" time at exactly the planner's prediction
+    assert planner.implied_matmul_rate(row) == pytest.approx(spec.fp8_flops, rel=1e-9)
+    row["value"] = 1e-6
+    with pytest.raises(ValueError, match="below the predicted rest"):
+        planner.implied_matmul_rate(row)
+    with pytest.raises(ValueError, match="ttft_ms row"):
+        planner.implied_matmul_rate(t[t.metric == "tokens_per_s"].iloc[0])
