@@ -1,2 +1,286 @@
-"""Calibrated weight quantization: GPTQ and AWQ (fast paths of notebook 01's idea cells) and
-the driver that feeds them a model's activations, one decoder layer at a time."""
+"""Calibrated weight quantization: GPTQ and AWQ (the fast paths of notebook 01's idea cells) and
+the driver that feeds them a model's activations, one decoder layer at a time.
+
+Both keep round-to-nearest's format — `bits`-bit integers with one scale and one zero point per
+group of `group_size` columns (`quant.quantize(..., symmetric=False)`) — and change only which
+integers are stored:
+
+* **GPTQ** (Frantar et al., ICLR 2023) rounds one column at a time and moves each column's
+  rounding error onto the columns not yet rounded, weighted by the inverse of the Hessian
+  H = 2·XᵀX / n of the layer's inputs X (tokens × in), so the layer's *output* on those inputs
+  errs least. Dampening (a fraction of H's mean diagonal added to it) keeps H invertible; the
+  updates inside a block of columns are applied at once to the rest (lazy batch updates).
+* **AWQ** (Lin et al., MLSys 2024) multiplies each input channel of W by s = mean|x|^α before
+  rounding and divides the input by s (folded into the previous norm or linear, so no bytes are
+  added): channels with large activations get finer steps. α is searched on a grid for the
+  lowest output error on the calibration inputs.
+
+`quantize_model(model, calibration_ids, method, bits, group_size)` runs the calibration text
+through the decoder layers in order, quantizes each layer from the inputs it receives (already
+through the quantized layers before it, as GPTQ's reference code does), and replaces the
+weights by their dequantized values in place (fake quantization: same values as the packed
+format computes with).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from helpers import checks, quant
+
+METHODS = ("rtn", "gptq", "awq")
+MAX_BITS = 8
+
+
+def check_bits(bits) -> int:
+    bits = checks.whole("bits", bits)
+    if not 2 <= bits <= MAX_BITS:
+        raise ValueError(
+            f"bits must be 2–{MAX_BITS} for calibrated quantization, got {bits}: one bit leaves "
+            "two levels per group (no zero point to spare); use bits=2 or more"
+        )
+    return bits
+
+
+def check_group(group_size, columns: int) -> int:
+    group_size = checks.whole("group_size", group_size)
+    if columns % group_size:
+        fits = [g for g in (32, 64, 128, 256) if columns % g == 0] or [columns]
+        raise ValueError(
+            f"group_size {group_size} does not divide the {columns} input columns; use one that "
+            f"does, e.g. {fits}"
+        )
+    return group_size
+
+
+def check_inputs(x: torch.Tensor, columns: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] == 0:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"the calibration inputs are empty or not (tokens, {columns}): got {got}; give at "
+            "least one calibration token (e.g. a few hundred tokens of text)"
+        )
+    if x.shape[1] != columns:
+        raise ValueError(f"the calibration inputs have {x.shape[1]} channels, W has {columns}")
+    return x.float()
+
+
+def rtn(w: torch.Tensor, bits: int = 4, group_size: int = 64) -> torch.Tensor:
+    """Round-to-nearest with a zero point per group: the baseline both methods improve on."""
+    check_group(group_size, w.shape[1])
+    return quant.fake_quantize(w.float(), bits=check_bits(bits), group_size=group_size,
+                               symmetric=False)  # fmt: skip
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """H = 2·XᵀX / n (in × in) of inputs x (tokens × in): the curvature of ‖(Ŵ − W)·xᵀ‖²."""
+    x = x.float()
+    return 2 * x.T @ x / x.shape[0]
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp · mean(diag H) · I)⁻¹: row i holds how column i's
+    error is spread over the columns after it."""
+    h = h.float().clone()
+    dead = h.diagonal() == 0  # an input channel that never fires: any weight does
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * h.diagonal().mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def group_grid(g: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) (rows,) of round-to-nearest's zero-point grid for each row of g."""
+    _, scale, zero = quant.quantize(g, bits=bits, granularity="channel", symmetric=False)
+    return scale.reshape(-1), zero.reshape(-1)
+
+
+@torch.no_grad()
+def gptq(w, h, bits=4, group_size=64, damp=0.01) -> torch.Tensor:
+    """ŵ (out, in) on the group grid, chosen column by column to minimise ‖(ŵ − w)·Xᵀ‖ for the
+    inputs whose Hessian is `h`. The lazy updates go block by block, one block per group: each
+    group's grid is set at its first column from columns that hold every earlier update."""
+    bits = check_bits(bits)
+    rows, cols = w.shape
+    group_size = check_group(group_size, cols)
+    block = group_size
+    levels = 2**bits - 1
+    u = inverse_hessian_factor(h, damp)  # (in, in), upper triangular
+    wt = w.float().T.clone()  # (in, out): one column of w is one contiguous row here
+    wt[h.diagonal() == 0] = 0
+    out = torch.empty_like(wt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of small vector ops: a thread pool only adds waiting
+    try:
+        for start in range(0, cols, block):
+            end = min(start + block, cols)
+            wb, ub = wt[start:end].clone(), u[start:end, start:end]  # (block, out), (block, block)
+            errors = torch.empty_like(wb)
+            for i in range(end - start):
+                if i % group_size == 0:  # this group's grid, from its columns as updated so far
+                    scale, zero = group_grid(wb[i : i + group_size].T, bits)  # (out,) each
+                q = (torch.round(wb[i] / scale) + zero).clamp_(0, levels)
+                torch.mul(q - zero, scale, out=out[start + i])
+                torch.div(wb[i] - out[start + i], ub[i, i], out=errors[i])
+                wb[i + 1 :].addr_(ub[i, i + 1 :], errors[i], alpha=-1)  # spread over the block
+            wt[end:].addmm_(u[start:end, end:].T, errors, alpha=-1)  # …and lazily the rest
+    finally:
+        torch.set_num_threads(threads)
+    return out.T.contiguous().to(w.dtype)
+
+
+@torch.no_grad()
+def awq_scales(w, x, bits=4, group_size=64, grid=20) -> tuple[torch.Tensor, float, float]:
+    """(s (in,), α, output error) for w (out, in) fed x (tokens, in): s = mean|x|^α, normalised
+    to a geometric mean of 1, with α on `grid` points in [0, 1) minimising ‖x·(Q(w·s)/s)ᵀ − x·wᵀ‖
+    (α = 0 is round-to-nearest, so the search never does worse on x)."""
+    bits, grid = check_bits(bits), checks.whole("grid", grid)
+    x = check_inputs(x, w.shape[1])
+    w = w.float()
+    exact = x @ w.T  # (tokens, out)
+    magnitude = x.abs().mean(0).clamp(min=1e-8)  # (in,)
+    best = (math.inf, None, 0.0)
+    for alpha in [k / grid for k in range(grid)]:
+        s = magnitude**alpha
+        s = s / (s.max() * s.min()).sqrt()
+        approx = rtn(w * s, bits, group_size) / s
+        error = ((x @ approx.T - exact).norm() / exact.norm()).item()
+        if error < best[0]:
+            best = (error, s, alpha)
+    error, s, alpha = best
+    return s, alpha, error
+
+
+# --- The driver: one decoder layer at a time -------------------------------------------------
+
+
+# Linears that read the same input, and what produced it (where AWQ folds its 1/s): a norm or
+# a linear. SmolLM2's o_proj reads the attention output, whose v heads are shared (GQA), so its
+# scales could not be folded into v_proj: it gets round-to-nearest under AWQ, as AutoAWQ does.
+SHARED_INPUTS = {
+    "qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+    "o": (("self_attn.o_proj",), None),
+    "gate_up": (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+    "down": (("mlp.down_proj",), "mlp.up_proj"),
+}
+
+
+def capture_layer_inputs(layer, hidden, position_embeddings) -> tuple[dict, torch.Tensor]:
+    """({group: inputs (tokens, in)}, the layer's output) for one decoder layer run on `hidden`."""
+    captured, hooks = {}, []
+    for group, (names, _) in SHARED_INPUTS.items():
+        module = layer.get_submodule(names[0])
+
+        def keep(mod, inp, out, group=group):
+            captured[group] = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+
+        hooks.append(module.register_forward_hook(keep))
+    try:
+        output = layer(hidden, position_embeddings=position_embeddings)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured, output
+
+
+def _set_weight(linear: torch.nn.Linear, w: torch.Tensor) -> None:
+    linear.weight = torch.nn.Parameter(w.to(linear.weight.dtype), requires_grad=False)
+
+
+def _stacked(layer, names) -> torch.Tensor:
+    return torch.cat([layer.get_submodule(n).weight.detach().float() for n in names])
+
+
+def _unstack(layer, names, w: torch.Tensor) -> None:
+    sizes = [layer.get_submodule(n).weight.shape[0] for n in names]
+    for name, part in zip(names, w.split(sizes), strict=True):
+        _set_weight(layer.get_submodule(name), part)
+
+
+def quantize_layer(layer, inputs: dict, method: str, bits: int, group_size: int, **options):
+    """Quantize one decoder layer's seven linears in place from its captured `inputs`."""
+    if method == "awq":  # scales first, on the float layer, folded where their inputs come from
+        for group, (names, source) in SHARED_INPUTS.items():
+            if source is None:
+                continue
+            w = _stacked(layer, names)
+            s, _, _ = awq_scales(w, inputs[group], bits, group_size, options.get("grid", 20))
+            _unstack(layer, names, w * s)
+            producer = layer.get_submodule(source)
+            folded = producer.weight.detach().float()
+            folded = folded / s if folded.dim() == 1 else folded / s[:, None]
+            producer.weight = torch.nn.Parameter(folded.to(producer.weight.dtype), False)
+    for group, (names, _) in SHARED_INPUTS.items():
+        w = _stacked(layer, names)
+        if method == "gptq":
+            h = hessian(check_inputs(inputs[group], w.shape[1]))
+            w = gptq(w, h, bits, group_size, options.get("damp", 0.01))
+        else:
+            w = rtn(w, bits, group_size)
+        _unstack(layer, names, w)
+
+
+@torch.no_grad()
+def quantize_model(model, calibration_ids, method="gptq", bits=4, group_size=64, **options):
+    """Quantize every decoder linear of a Llama `model` in place (the tied output layer stays as
+    loaded), calibrated on `calibration_ids` (batch, length); 'rtn' ignores them."""
+    method = checks.choice("method", method, METHODS)
+    bits = check_bits(bits)
+    check_group(group_size, model.config.hidden_size)
+    check_group(group_size, model.config.intermediate_size)
+    if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.numel() == 0:
+        raise ValueError(
+            "the calibration set is empty: give token ids (batch, length), e.g. "
+            "tokenizer(text, return_tensors='pt').input_ids[:, :512]"
+        )
+    ids = calibration_ids.reshape(-1, calibration_ids.shape[-1])
+    body = model.model
+    hidden = body.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    position_embeddings = body.rotary_emb(hidden, positions)
+    for layer in body.layers:
+        inputs, _ = capture_layer_inputs(layer, hidden, position_embeddings)
+        quantize_layer(layer, inputs, method, bits, group_size, **options)
+        del inputs
+        hidden = layer(hidden, position_embeddings=position_embeddings)  # through the quantized one
+    return model
+
+
+@torch.inference_mode()
+def token_nll(model, ids: torch.Tensor, window: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(negative log-likelihood of each next token, the top-1 prediction at each position) of
+    one text `ids` (n,), in non-overlapping windows as `quant.perplexity` scores it: the mean's
+    exponential is that perplexity, and paired per-token differences give a spread."""
+    ids = ids.reshape(-1)
+    window = checks.whole("window", window)
+    nll, top1 = [], []
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start : start + window + 1].unsqueeze(0)
+        logits = model(input_ids=chunk[:, :-1]).logits[0].float()
+        nll.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none"))
+        top1.append(logits.argmax(-1))
+    return torch.cat(nll), torch.cat(top1)
+
+
+def paired_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[float, float, float]:
+    """(mean, low, high) of nll_a − nll_b per token in nats, low/high ± 2 standard errors: a
+    difference whose range holds 0 is within the noise of which tokens were scored."""
+    d = (nll_a - nll_b).double()
+    mean, se = d.mean().item(), (d.std() / math.sqrt(d.numel())).item()
+    return mean, mean - 2 * se, mean + 2 * se
+
+
+def output_error(w_hat: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> float:
+    """‖x·ŵᵀ − x·wᵀ‖ / ‖x·wᵀ‖: a quantized layer's error on inputs x (tokens, in)."""
+    exact = x.float() @ w.float().T
+    return ((x.float() @ w_hat.float().T - exact).norm() / exact.norm()).item()
+
+
+def distinct_per_group(w: torch.Tensor, group_size: int = 32) -> torch.Tensor:
+    """How many distinct values each group of `group_size` consecutive columns of w holds: at
+    most 2^bits where w was dequantized from a `bits`-bit file with one grid per group (a Q4_1
+    file: 16 per block of 32)."""
+    check_group(group_size, w.shape[1])
+    ordered = w.detach().reshape(-1, group_size).sort(-1).values
+    return 1 + (ordered.diff(dim=-1) != 0).sum(-1)

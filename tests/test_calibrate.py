@@ -1,0 +1,155 @@
+"""GPTQ and AWQ (helpers.calibrate) against known answers: planted inputs whose best answer is
+known, GPTQ's special case that is round-to-nearest, and the driver on a small Llama."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import calibrate, quant
+from helpers.models import llama_from_config
+
+
+def correlated_inputs(tokens=2048, channels=256, rank=16, seed=0):
+    """Inputs whose channels move together (a low-rank mix plus a little noise), as real
+    activations do: where rounding errors can cancel each other through the correlation."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(rank, channels, generator=gen)
+    return torch.randn(tokens, rank, generator=gen) @ mix + 0.1 * torch.randn(
+        tokens, channels, generator=gen
+    )
+
+
+def one_layer_llama():
+    return llama_from_config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_gptq_errs_less_than_round_to_nearest_on_correlated_inputs(bits, group):
+    x = correlated_inputs()
+    w = torch.randn(96, x.shape[1], generator=torch.Generator().manual_seed(1))
+    fitted, scored = x[:1024], x[1024:]  # judged on inputs it was not fitted to
+    w_gptq = calibrate.gptq(w, calibrate.hessian(fitted), bits, group)
+    w_rtn = calibrate.rtn(w, bits, group)
+    assert calibrate.output_error(w_gptq, w, scored) < 0.8 * calibrate.output_error(
+        w_rtn, w, scored
+    )
+
+
+def test_gptq_stays_on_round_to_nearests_grid_format():
+    """Same format: every group of each row takes at most 2^bits distinct values."""
+    x = correlated_inputs(channels=128)
+    w = torch.randn(32, 128)
+    w_gptq = calibrate.gptq(w, calibrate.hessian(x), bits=3, group_size=32)
+    assert calibrate.distinct_per_group(w_gptq, 32).max() <= 8
+
+
+def test_gptq_on_a_diagonal_hessian_is_round_to_nearest():
+    """Uncorrelated channels: no column's error can be cancelled by another, so GPTQ's updates
+    vanish and it rounds each weight to its nearest level, exactly."""
+    w = torch.randn(48, 192)
+    h = torch.diag(torch.rand(192) + 0.5)
+    for bits, group in [(3, 64), (4, 32), (4, 192)]:
+        assert torch.equal(calibrate.gptq(w, h, bits, group), calibrate.rtn(w, bits, group))
+
+
+def test_gptq_ignores_channels_that_never_fire():
+    x = correlated_inputs(channels=128)
+    x[:, 5] = 0  # a dead channel: a zero row and column in H
+    w = torch.randn(16, 128)
+    w_hat = calibrate.gptq(w, calibrate.hessian(x), 4, 32)
+    assert torch.isfinite(w_hat).all()
+
+
+def test_awq_finds_planted_salient_channels():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 256, generator=gen)
+    salient = torch.tensor([3, 50, 100, 200])
+    x[:, salient] *= 30  # four input channels that run 30× larger
+    w = torch.randn(128, 256, generator=gen)
+    s, alpha, error = calibrate.awq_scales(w, x, bits=3, group_size=64)
+    assert alpha > 0
+    assert set(s.topk(4).indices.tolist()) == set(salient.tolist())
+    assert error < 0.75 * calibrate.output_error(calibrate.rtn(w, 3, 64), w, x)
+
+
+def test_awq_without_salient_channels_keeps_round_to_nearest():
+    """Equal channels: every α gives the same scales (all 1 after normalising): the search can
+    do no better than α = 0, round-to-nearest."""
+    x = torch.ones(64, 128)
+    w = torch.randn(16, 128)
+    s, _, error = calibrate.awq_scales(w, x, bits=4, group_size=64)
+    torch.testing.assert_close(s, torch.ones(128))
+    assert error == pytest.approx(calibrate.output_error(calibrate.rtn(w, 4, 64), w, x), rel=1e-5)
+
+
+def test_bad_inputs_name_the_fix():
+    w = torch.randn(8, 96)
+    with pytest.raises(ValueError, match="use bits=2 or more"):
+        calibrate.gptq(w, torch.eye(96), bits=1)
+    with pytest.raises(ValueError, match="does not divide the 96 input columns.*32"):
+        calibrate.gptq(w, torch.eye(96), bits=4, group_size=64)
+    with pytest.raises(ValueError, match="give at least one calibration token"):
+        calibrate.awq_scales(w, torch.zeros(0, 96), bits=4, group_size=32)
+    model = one_layer_llama()
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        calibrate.quantize_model(model, torch.zeros(1, 0, dtype=torch.long), "gptq", 4, 32)
+    with pytest.raises(ValueError, match="method"):
+        calibrate.quantize_model(model, torch.ones(1, 8, dtype=torch.long), "gtpq", 4, 32)
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    return llama_from_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                             seed=0).eval()  # fmt: skip
+
+
+def test_driver_rtn_is_every_linear_rounded_alone(small_llama):
+    model = calibrate.quantize_model(copy.deepcopy(small_llama), torch.ones(1, 4, dtype=torch.long),
+                                     "rtn", 3, 32)  # fmt: skip
+    for (name, before), after in zip(small_llama.named_modules(), model.modules(), strict=True):
+        if isinstance(before, torch.nn.Linear) and "lm_head" not in name:
+            expected = quant.fake_quantize(before.weight.detach(), bits=3, group_size=32,
+                                           symmetric=False)  # fmt: skip
+            torch.testing.assert_close(after.weight, expected)
+    torch.testing.assert_close(model.lm_head.weight, small_llama.lm_head.weight)  # untouched
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_driver_beats_round_to_nearest_on_the_model_it_calibrated(small_llama, method):
+    """On the calibration tokens themselves, both methods' logits sit closer to the float
+    model's than round-to-nearest's (the random weights have no outliers, so this is the
+    method's own objective, not a claim about real text)."""
+    ids = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = small_llama(ids).logits
+        rtn = calibrate.quantize_model(copy.deepcopy(small_llama), ids, "rtn", 3, 32)(ids).logits
+        ours = calibrate.quantize_model(copy.deepcopy(small_llama), ids, method, 3, 32)(ids).logits
+    assert quant.relative_error(ours, exact) < quant.relative_error(rtn, exact)
+
+
+def test_awq_folding_keeps_the_float_model():
+    """AWQ's scales are folded into the norm or linear before each group: without rounding
+    (16 bits: a grid too fine to matter) the model computes what it did."""
+    model = one_layer_llama()
+    ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = model(ids).logits
+        layer = model.model.layers[0]
+        hidden = model.model.embed_tokens(ids)
+        pe = model.model.rotary_emb(hidden, torch.arange(32).unsqueeze(0))
+        inputs, _ = calibrate.capture_layer_inputs(layer, hidden, pe)
+        calibrate.quantize_layer(layer, inputs, "awq", 8, 32)
+        assert quant.relative_error(model(ids).logits, exact) < 0.01
+
+
+def test_distinct_values_per_group_reads_a_planted_grid():
+    levels = torch.arange(16.0) * 0.1 - 0.7  # 16 levels
+    w = levels[torch.randint(0, 16, (8, 64))]  # every group of 32 on them
+    assert calibrate.distinct_per_group(w, 32).max() <= 16
+    assert calibrate.distinct_per_group(torch.randn(8, 64), 32).min() == 32
