@@ -39,6 +39,7 @@ from helpers import BUILD_DIR, checks, loadgen, models
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-vllm"
 URL_ENV = "COURSE_SERVER_URL"
+STORED_ENV = "COURSE_SERVER_STORED"
 MAKE_TARGET = "make vllm"
 # What a vLLM-CPU server on SmolLM2 holds (API server + engine core + worker, measured ~4.1 GiB
 # with a 1 GiB KV cache): `start` refuses to begin with less free memory than this.
@@ -219,7 +220,10 @@ def outside() -> Server | None:
 
 
 def unavailable() -> str:
-    """Why no server can be had here ("" when one can): the reason names the fix."""
+    """Why no server can be had here ("" when one can): the reason names the fix.
+    $COURSE_SERVER_STORED=1 asks for the stored measurements even where a server could run."""
+    if os.environ.get(STORED_ENV, "").strip() == "1":
+        return f"{STORED_ENV}=1 asks for the stored measurements"
     if os.environ.get(URL_ENV, "").strip():
         return ""
     if not (VENV / "bin" / "python").exists():
@@ -238,12 +242,15 @@ def start(
     args=(),
     timeout_s: float = 600.0,
     kv_cache_gib: int = 1,
+    dtype: str = "float32",
     command: list[str] | None = None,
     health_path: str = "/health",
 ) -> Server:
     """Start a server (vLLM on the course's SmolLM2 unless `command` is given, with `{port}` in
     it) and wait until `health_path` answers 200, at most `timeout_s`. $COURSE_SERVER_URL, when
-    set, is used instead. `args` are extra vLLM flags, e.g. ("--max-num-seqs", 4)."""
+    set, is used instead. `args` are extra vLLM flags, e.g. ("--max-num-seqs", 4); `dtype` is
+    vLLM's name ("float32" on a CPU; "float16" on a T4, "bfloat16" from Ampere on);
+    `kv_cache_gib` sizes a CPU build's KV cache (a GPU build takes --gpu-memory-utilization)."""
     if (srv := outside()) is not None:
         return srv
     timeout_s = checks.positive("timeout_s", timeout_s)
@@ -260,7 +267,7 @@ def start(
                 f"or set {URL_ENV} to a running OpenAI-compatible server"
             )
         model_dir = Path(model_dir) if model_dir else models.prepare_offline()
-        command = vllm_command(model_dir, port, args=args)
+        command = vllm_command(model_dir, port, dtype=dtype, args=args)
     else:
         command = [str(c).replace("{port}", str(port)) for c in command]
     if (free := psutil.virtual_memory().available) < NEEDS_BYTES:
@@ -271,7 +278,12 @@ def start(
         )
     log_path = BUILD_DIR / "server" / f"{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "PYTHONUNBUFFERED": "1",
+        "COURSE_SERVER_PROCESS": "1",
+    }  # its memory is counted apart (tools/run_notebooks.py)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", _GUARD, str(os.getpid()), *command],

@@ -185,3 +185,32 @@ def test_run_past_its_limit_is_stopped_and_fails(tmp_path):
     nbformat.write(nb, path)
     row = run_notebooks.run(path, tmp_path, html=False, limit_s=0.5)
     assert row["timed_out"] and not row["passed"] and row["wall_s"] < 30
+
+
+def test_a_servers_memory_is_counted_apart_from_the_kernels():
+    code = (
+        "import time; x = bytearray(60 * 2**20); x[::4096] = bytes(len(x[::4096])); time.sleep(30)"
+    )
+    marked = {**os.environ, run_notebooks.SERVER_MARK: "1"}
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for env in (None, marked)]
+    try:
+        me = psutil.Process()
+        deadline = time.monotonic() + 20
+        while min(run_notebooks.split_rss(me)) < 60 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kernel, server = run_notebooks.split_rss(me)
+        assert kernel >= 60 * 2**20 and server >= 60 * 2**20
+        assert kernel + server == pytest.approx(run_notebooks.tree_rss(me), rel=0.05)
+    finally:
+        for p in [launcher, *procs]:
+            p.kill()
+            p.wait()
+
+
+def test_summary_shows_a_servers_memory_apart():
+    rows = [{"notebook": "06_real_server", "passed": True, "wall_s": 200.0,
+             "peak_rss_bytes": 5.0 * 2**30, "kernel_peak_rss_bytes": 1.0 * 2**30,
+             "server_peak_rss_bytes": 4.0 * 2**30}]  # fmt: skip
+    text = run_notebooks.summary(rows)
+    assert "1.00 GiB" in text and "4.00 GiB" in text and "5.00 GiB" not in text

@@ -50,6 +50,36 @@ def tree_rss(root) -> int:
     return total
 
 
+# helpers.server starts a server with this variable in its environment (all its processes
+# inherit it): their memory is reported apart from the kernel's (notebook 06's vLLM).
+SERVER_MARK = "COURSE_SERVER_PROCESS"
+
+
+def is_server(proc) -> bool:
+    try:
+        return proc.environ().get(SERVER_MARK) == "1"
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, AttributeError):
+        return False
+
+
+def split_rss(root) -> tuple[int, int]:
+    """(kernel, server): summed RSS below `root` of the processes that are not a server's and of
+    those that are (marked by SERVER_MARK)."""
+    kernel = server = 0
+    try:
+        procs = root.children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0, 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            rss = proc.memory_info().rss
+            if is_server(proc):
+                server += rss
+            else:
+                kernel += rss
+    return kernel, server
+
+
 class PeakSampler(threading.Thread):
     """Calls `sample()` every `interval` s until `stop()`, keeping the largest value it returned."""
 
@@ -117,7 +147,11 @@ def run(
     start = time.perf_counter()
     child = subprocess.Popen(command, cwd=ROOT, env=env)
     launcher = psutil.Process(child.pid)
-    samplers = {"peak_rss_bytes": PeakSampler(lambda: tree_rss(launcher))}
+    samplers = {
+        "peak_rss_bytes": PeakSampler(lambda: tree_rss(launcher)),
+        "kernel_peak_rss_bytes": PeakSampler(lambda: split_rss(launcher)[0]),
+        "server_peak_rss_bytes": PeakSampler(lambda: split_rss(launcher)[1]),
+    }
     samplers.update({k: PeakSampler(f) for k, f in (extra_samplers or {}).items()})
     for sampler in samplers.values():
         sampler.start()
@@ -131,8 +165,13 @@ def run(
     wall = time.perf_counter() - start
     peaks = {name: sampler.stop() for name, sampler in samplers.items()}
     passed = returncode == 0 and not timed_out
-    return {"notebook": notebook.stem, "passed": passed, "wall_s": wall, "timed_out": timed_out,
-            **peaks}  # fmt: skip
+    return {
+        "notebook": notebook.stem,
+        "passed": passed,
+        "wall_s": wall,
+        "timed_out": timed_out,
+        **peaks,
+    }
 
 
 def select(notebooks: list[Path], only: list[str] | None) -> list[Path]:
@@ -151,19 +190,33 @@ def all_notebooks() -> list[Path]:
 
 
 def summary(rows: list[dict]) -> str:
-    lines = [f"{'notebook':<34} {'result':<6} {'wall':>8} {'peak RSS (kernel tree)':>23}"]
+    """One line per notebook; a server's memory (notebook 06) in a column of its own, apart from
+    the kernel's tree (what a memory cap such as Binder's counts for the notebook)."""
+    lines = [
+        f"{'notebook':<34} {'result':<6} {'wall':>8} {'peak RSS (kernel tree)':>23}"
+        f" {'server (apart)':>15}"
+    ]
     for r in rows:
         result = "pass" if r["passed"] else "FAIL"
-        peak = r["peak_rss_bytes"] / 2**30
-        lines.append(f"{r['notebook']:<34} {result:<6} {r['wall_s']:>7.0f}s {peak:>19.2f} GiB")
+        server = r.get("server_peak_rss_bytes", 0)
+        peak = (r.get("kernel_peak_rss_bytes") if server else None) or r["peak_rss_bytes"]
+        apart = f"{server / 2**30:>11.2f} GiB" if server else f"{'—':>15}"
+        lines.append(
+            f"{r['notebook']:<34} {result:<6} {r['wall_s']:>7.0f}s "
+            f"{peak / 2**30:>19.2f} GiB {apart}"
+        )
     return "\n".join(lines)
 
 
 def parser_with_only(description: str) -> argparse.ArgumentParser:
     """An argument parser with the --only NAME option (repeatable) that `select` reads."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="run the notebooks whose name contains NAME (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run the notebooks whose name contains NAME (repeatable)",
+    )
     return parser
 
 
