@@ -278,12 +278,16 @@ def start(
         )
     log_path = BUILD_DIR / "server" / f"{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # VLLM_USE_AOT_COMPILE=0: vLLM 0.32's saved AOT graphs fail to load under torch 2.13 ("no
+    # attribute 'finalize_loading'"), so every start compiled again; the inductor cache loads.
+    # COURSE_SERVER_PROCESS marks its processes: tools/run_notebooks.py counts their memory apart.
     env = {
+        "VLLM_USE_AOT_COMPILE": "0",
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "PYTHONUNBUFFERED": "1",
         "COURSE_SERVER_PROCESS": "1",
-    }  # its memory is counted apart (tools/run_notebooks.py)
+    }
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", _GUARD, str(os.getpid()), *command],
