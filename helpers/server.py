@@ -439,7 +439,8 @@ SERVER_TIMES = {
 
 def window(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """The server's own means over the requests between two `metrics()` readings: each of
-    SERVER_TIMES (`server_<name>_mean`), requests finished and preemptions."""
+    SERVER_TIMES (`server_<name>_mean`), requests finished, preemptions, prompt tokens and
+    those the prefix cache served."""
     out = {}
     for name, metric in SERVER_TIMES.items():
         n = after.get(f"{metric}_count", 0) - before.get(f"{metric}_count", 0)
@@ -448,6 +449,8 @@ def window(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     for key, metric in (
         ("server_requests", "vllm:request_success_total"),
         ("server_preemptions", "vllm:num_preemptions_total"),
+        ("server_prompt_tokens", "vllm:prompt_tokens_total"),
+        ("server_cached_prompt_tokens", "vllm:prompt_tokens_cached_total"),
     ):
         out[key] = after.get(metric, 0) - before.get(metric, 0)
     return out

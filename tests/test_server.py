@@ -176,3 +176,42 @@ def test_vllm_greedy_output_equals_the_course_decode_loop(vllm):
                      progress=False, warmup=0)  # fmt: skip
     assert df.error[0] == ""
     assert df.text[0] == lm.tokenizer.decode(ours), (df.text[0], lm.tokenizer.decode(ours))
+
+
+def test_window_means_come_from_histogram_deltas():
+    before = {"vllm:time_to_first_token_seconds_sum": 1.0,
+              "vllm:time_to_first_token_seconds_count": 4, "vllm:request_success_total": 4,
+              "vllm:prompt_tokens_cached_total": 0}  # fmt: skip
+    after = {"vllm:time_to_first_token_seconds_sum": 4.0,
+             "vllm:time_to_first_token_seconds_count": 10, "vllm:request_success_total": 10,
+             "vllm:prompt_tokens_cached_total": 320}  # fmt: skip
+    w = server.window(before, after)
+    assert w["server_ttft_s_mean"] == pytest.approx(0.5)  # 3 s over 6 requests
+    assert w["server_requests"] == 6 and w["server_cached_prompt_tokens"] == 320
+    assert w["server_itl_s_mean"] != w["server_itl_s_mean"]  # no requests in it: NaN
+
+
+def test_serve_command_realises_a_planner_configuration():
+    config = {"dtype": "bf16", "tp": 2, "batch": 64, "replicas": 4}
+    text = server.serve_command("org/model", config, 4096)
+    assert text.startswith("vllm serve org/model")
+    for flag in ("--dtype bfloat16", "--tensor-parallel-size 2", "--max-num-seqs 64",
+                 "--max-model-len 4096", "--data-parallel-size 4"):  # fmt: skip
+        assert flag in text
+    int4 = server.serve_command("org/model", {"dtype": "int4", "tp": 1, "batch": 8}, 512)
+    assert "--dtype" not in int4 and "AWQ or GPTQ" in int4 and "--data-parallel" not in int4
+
+
+def test_kv_cache_tokens_is_read_from_the_log():
+    log = "INFO [kv_cache_utils.py:2327] CPU KV cache size: 23,296 tokens, Maximum concurrency"
+    assert server.kv_cache_tokens(log) == 23_296
+    assert server.kv_cache_tokens("no such line") != server.kv_cache_tokens("no such line")
+
+
+def test_stored_mode_is_asked_for_by_its_variable(monkeypatch):
+    monkeypatch.setenv(server.STORED_ENV, "1")
+    assert "stored" in server.unavailable()
+    monkeypatch.delenv(server.STORED_ENV)
+    monkeypatch.setattr(server, "VENV", server.ROOT / "no-such-venv")
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    assert "make vllm" in server.unavailable()
