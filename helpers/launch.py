@@ -250,9 +250,12 @@ def _worker(rank, world_size, port, backend, payload, conn) -> None:
         os.setpgid(0, 0)  # a process group of its own: stopping the group stops what it started
     _set_parent_death_signal()
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-    )  # fmt: skip
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
     try:
         fn, args = pickle.loads(payload)
         if isinstance(fn, NotebookFunction):
@@ -264,8 +267,9 @@ def _worker(rank, world_size, port, backend, payload, conn) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=60))  # fmt: skip
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+        )
         result = fn(rank, world_size, *args)
         # plain pickle copies tensors into bytes (no shared memory outliving this process)
         message = ("ok", pickle.dumps((result, peak_rss_bytes())))
@@ -325,8 +329,9 @@ def _run(procs, payload, world_size, backend, port, timeout):
                 "parent_pid": os.getpid(),
                 "worker_args": (rank, world_size, port, backend, payload, writer),
             }
-            proc = ctx.Process(target=exec, name=f"tp-rank-{rank}", daemon=True,
-                               args=(_RANK_BOOT, boot))  # fmt: skip
+            proc = ctx.Process(
+                target=exec, name=f"tp-rank-{rank}", daemon=True, args=(_RANK_BOOT, boot)
+            )
             procs.append(proc)
             readers.append(reader)
             proc.start()
@@ -355,8 +360,9 @@ def _collect(procs, readers, timeout: float) -> dict[int, tuple]:
                 "(a rank waiting in a collective that another rank never calls hangs like this); "
                 "every rank was stopped"
             )
-        ready = set(wait([readers[r] for r in pending] + [procs[r].sentinel for r in pending],
-                         timeout=left))  # fmt: skip
+        ready = set(
+            wait([readers[r] for r in pending] + [procs[r].sentinel for r in pending], timeout=left)
+        )
         for rank in sorted(pending):
             reader = readers[rank]
             if reader in ready or procs[rank].sentinel in ready:

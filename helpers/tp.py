@@ -5,8 +5,8 @@ prediction of a TP step) in its `idea` cells; this module holds what its measure
 
 * `COLWISE`, `ROWWISE`, `llama_plan`: which linears of a Llama DTensor splits by columns / rows;
 * `slowest`, `fastest`, `timed_parts`: a TP layer timed on every rank in its parts — this rank's
-  compute, the **skew** (how long the fastest rank waits for the slowest), and the collective
-  itself, timed alone after a barrier so that no rank's wait is counted as communication;
+  compute, the **skew** (from the first rank reaching the collective to the last), and the
+  collective itself, timed alone after a barrier so that no rank's wait counts as communication;
 * `fit_alpha_beta`: t(n) = α + β·n fitted to all-reduce timings;
 * `miss_by_part`, `largest_miss`, `explain_miss`: which part of a TP layer a prediction got
   wrong, as numbers and as the sentence that says it.
@@ -25,27 +25,18 @@ import torch
 import torch.distributed as dist
 
 from helpers import bench
-from helpers.launch import (
-    COLLECTIVE_BACKENDS,
-    NotebookFunction,
-    Results,
-    WorkerError,
-    check_world,
-    default_backend,
-    launch,
-)
-
-__all__ = [
-    "COLLECTIVE_BACKENDS", "COLWISE", "ROWWISE", "NotebookFunction", "Results", "WorkerError",
-    "check_world", "default_backend", "explain_miss", "fastest", "fit_alpha_beta", "largest_miss",
-    "launch", "llama_plan", "miss_by_part", "slowest", "timed_parts", "PART_NAMES",
-]  # fmt: skip
+from helpers.launch import NotebookFunction, WorkerError, launch  # noqa: F401 (helpers.tp.launch)
 
 # --- Sharding a Llama ----------------------------------------------------------------------
 
 # the layers a Megatron split shards: column-parallel, then row-parallel
-COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-           "mlp.up_proj")  # fmt: skip
+COLWISE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+)
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 
 
@@ -145,9 +136,12 @@ PART_NAMES = {
 
 
 def miss_by_part(
-    measured_s: float, compute_s: float, compute_predicted_s: float, comm_s: float,
+    measured_s: float,
+    compute_s: float,
+    compute_predicted_s: float,
+    comm_s: float,
     comm_predicted_s: float,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Seconds by which each part of a TP layer exceeded its prediction (TP 1 ÷ t, α + β·n):
     the slowest rank's compute, the all-reduce timed alone, and the rest of the measured total
     (predicted as 0). They add up to measured − predicted."""
@@ -164,9 +158,14 @@ def largest_miss(gaps: dict[str, float]) -> str:
 
 
 def explain_miss(
-    measured_s: float, predicted_s: float, compute_s: float, compute_predicted_s: float,
-    comm_s: float, comm_predicted_s: float, skew_s: float,
-) -> str:  # fmt: skip
+    measured_s: float,
+    predicted_s: float,
+    compute_s: float,
+    compute_predicted_s: float,
+    comm_s: float,
+    comm_predicted_s: float,
+    skew_s: float,
+) -> str:
     """Which part of a TP layer its prediction (TP 1 ÷ t + α + β·n) got most wrong, in ms."""
     gaps = miss_by_part(measured_s, compute_s, compute_predicted_s, comm_s, comm_predicted_s)
     worst = largest_miss(gaps)

@@ -21,8 +21,11 @@ from helpers.tp import COLWISE, ROWWISE, llama_plan, slowest, timed_parts
 
 
 def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")  # fmt: skip
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 # --- A whole Llama, sharded two ways ----------------------------------------------------------
@@ -50,15 +53,24 @@ def _local_rows(model) -> tuple[int, int]:
 
 def greedy_tokens(model, ids, new_tokens: int) -> torch.Tensor:
     """`new_tokens` greedy tokens after `ids` (transformers' generate), on the CPU."""
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, attention_mask=torch.ones_like(ids),
-                         pad_token_id=0)  # fmt: skip
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=0,
+    )
     return out[:, ids.shape[1] :].cpu()
 
 
 def _report(model, ids, new_tokens):
-    return model(ids).logits.cpu(), greedy_tokens(model, ids, new_tokens), _local_rows(model), \
-        held_bytes(model)  # fmt: skip
+    return (
+        model(ids).logits.cpu(),
+        greedy_tokens(model, ids, new_tokens),
+        _local_rows(model),
+        held_bytes(model),
+    )
 
 
 @torch.inference_mode()
@@ -103,22 +115,27 @@ def llama_tp_check(model, ids, new_tokens: int, world: int, backend: str) -> pd.
     rows = []
     try:
         model.save_pretrained(checkpoint)
-        methods = {"DTensor parallelize_module": dtensor_llama,
-                   "transformers tp_plan='auto'": transformers_tp_llama}  # fmt: skip
+        methods = {
+            "DTensor parallelize_module": dtensor_llama,
+            "transformers tp_plan='auto'": transformers_tp_llama,
+        }
         for method, worker in methods.items():
             results = launch(worker, world, checkpoint, ids, new_tokens, backend=backend)
             for rank, (logits, tokens, (rows_held, rows_total), held) in enumerate(results):
-                rows.append({
-                    "method": method, "rank": rank,
-                    "max |logit difference|": float((logits - ref_logits).abs().max()),
-                    "greedy tokens identical": torch.equal(tokens, ref_tokens),
-                    "gate rows held": f"{rows_held} of {rows_total}",
-                    "split linears held (bytes)": held["linears"],
-                    "split linears unsharded ÷ tp (bytes)": full["linears"] / world,
-                    "all weights held (bytes)": held["all"],
-                    "all weights unsharded ÷ tp (bytes)": full["all"] / world,
-                    "peak RSS of the rank (bytes)": results.peak_rss_bytes[rank],
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "method": method,
+                        "rank": rank,
+                        "max |logit difference|": float((logits - ref_logits).abs().max()),
+                        "greedy tokens identical": torch.equal(tokens, ref_tokens),
+                        "gate rows held": f"{rows_held} of {rows_total}",
+                        "split linears held (bytes)": held["linears"],
+                        "split linears unsharded ÷ tp (bytes)": full["linears"] / world,
+                        "all weights held (bytes)": held["all"],
+                        "all weights unsharded ÷ tp (bytes)": full["all"] / world,
+                        "peak RSS of the rank (bytes)": results.peak_rss_bytes[rank],
+                    }
+                )
     finally:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return pd.DataFrame(rows)
@@ -138,21 +155,34 @@ def allreduce_times(rank: int, world: int, sizes_bytes, repeats: int = 20, warmu
     rows = []
     for nbytes in sizes_bytes:
         buf = torch.zeros(max(1, int(nbytes) // 4), device=dev)
-        t = bench.measure(lambda b=buf: dist.all_reduce(b), warmup=warmup, repeats=repeats,
-                          device=dev, before_each=dist.barrier)  # fmt: skip
+        t = bench.measure(
+            lambda b=buf: dist.all_reduce(b),
+            warmup=warmup,
+            repeats=repeats,
+            device=dev,
+            before_each=dist.barrier,
+        )
         q1, median, q3 = bench.quartiles(slowest(t.samples, dev))
-        rows.append({"world": world, "bytes": buf.numel() * 4, "seconds": median,
-                     "q1_s": q1, "q3_s": q3})  # fmt: skip
+        rows.append(
+            {"world": world, "bytes": buf.numel() * 4, "seconds": median, "q1_s": q1, "q3_s": q3}
+        )
     return rows
 
 
-def mlp_times(rank: int, world: int, layer_sizes, batches, repeats: int = 10, warmup: int = 3,
-              threads: int | None = None) -> list[dict]:  # fmt: skip
+def mlp_times(
+    rank: int,
+    world: int,
+    layer_sizes,
+    batches,
+    repeats: int = 10,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> list[dict]:
     """One Megatron MLP forward for every (hidden, intermediate) in `layer_sizes` and every batch,
-    timed by `tp.timed_parts`: the whole layer, this rank's matmuls (compute), the skew between
-    the ranks' matmuls, and the all-reduce timed alone (comm). Each a median and quartiles over
-    the runs of the slowest rank. `threads`: CPU threads for this rank (default: the launcher's
-    share of the cores)."""
+    timed by `tp.timed_parts`: the whole layer, the matmuls (compute), the skew (from the first
+    rank reaching the all-reduce to the last), and the all-reduce timed alone (comm), each a
+    median and quartiles over the timed runs. `threads`: CPU threads for this rank (default:
+    the launcher's share of the cores)."""
     if threads is not None:
         torch.set_num_threads(checks.whole("threads", threads))
     dev = _device()
@@ -170,17 +200,26 @@ def mlp_times(rank: int, world: int, layer_sizes, batches, repeats: int = 10, wa
                 return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
 
             times = timed_parts(layer, dist.all_reduce, dev, repeats=repeats, warmup=warmup)
-            rows.append({"tp": world, "hidden": hidden, "intermediate": intermediate,
-                         "batch": batch, "weight_bytes": 3 * hidden * intermediate * 4,
-                         "message_bytes": batch * hidden * 4,
-                         **{k: v for part, samples in times.items()
-                            for k, v in _spread(part, samples).items()}})  # fmt: skip
+            point = {"tp": world, "hidden": hidden, "intermediate": intermediate, "batch": batch}
+            point |= {
+                "weight_bytes": 3 * hidden * intermediate * 4,
+                "message_bytes": batch * hidden * 4,
+            }
+            for part, samples in times.items():  # total, compute, skew, comm
+                point |= _spread(part, samples)
+            rows.append(point)
         del g, u, d
     return rows
 
 
-def mlp_sweep(layer_sizes, batches, worlds, backend: str, repeats: int = 10,
-              threads_per_rank: int | None = None) -> pd.DataFrame:  # fmt: skip
+def mlp_sweep(
+    layer_sizes,
+    batches,
+    worlds,
+    backend: str,
+    repeats: int = 10,
+    threads_per_rank: int | None = None,
+) -> pd.DataFrame:
     """`mlp_times` for every (hidden, intermediate) in `layer_sizes` and TP degree in `worlds`
     (a one-rank launch is the TP 1 baseline: the same code path), one launch per degree: one row
     per point, times in seconds (median, q1, q3) of the total, compute, skew and all-reduce.
@@ -188,6 +227,14 @@ def mlp_sweep(layer_sizes, batches, worlds, backend: str, repeats: int = 10,
     does not run threads that, on a busy machine, wait for each other at every matmul."""
     rows = []
     for world in worlds:
-        rows += launch(mlp_times, world, [tuple(s) for s in layer_sizes], list(batches), repeats,
-                       3, threads_per_rank, backend=backend)[0]  # fmt: skip
+        rows += launch(
+            mlp_times,
+            world,
+            [tuple(s) for s in layer_sizes],
+            list(batches),
+            repeats,
+            3,
+            threads_per_rank,
+            backend=backend,
+        )[0]
     return pd.DataFrame(rows)

@@ -23,9 +23,11 @@ def reference_mlp(x, gate, up, down):
 
 
 def weights(hidden=32, intermediate=96):
-    return (torch.randn(intermediate, hidden) / hidden**0.5,
-            torch.randn(intermediate, hidden) / hidden**0.5,
-            torch.randn(hidden, intermediate) / intermediate**0.5)  # fmt: skip
+    return (
+        torch.randn(intermediate, hidden) / hidden**0.5,
+        torch.randn(intermediate, hidden) / hidden**0.5,
+        torch.randn(hidden, intermediate) / intermediate**0.5,
+    )
 
 
 def test_shards_are_the_known_blocks():
@@ -145,8 +147,13 @@ def formula_terms(spec):
     w = shape.linear_params * 2 + shapes.kv_cache_bytes(shape, 1, context, 2)
     bandwidth = spec.bandwidth * spec.engine.memory_efficiency
     engine = spec.engine
-    return dict(weight_bytes=w, bandwidth=bandwidth, layers=shape.layers, layer_s=engine.layer_s,
-                alpha=engine.alpha_s)  # fmt: skip
+    return dict(
+        weight_bytes=w,
+        bandwidth=bandwidth,
+        layers=shape.layers,
+        layer_s=engine.layer_s,
+        alpha=engine.alpha_s,
+    )
 
 
 def planner_tpot(spec, t):
@@ -180,3 +187,14 @@ def test_tp_star_is_where_a_doubling_stops_paying():
     saved, cost = w / (2 * t_star * bw), 2 * layers * s * t_star  # doubling from t*: a tie
     assert saved == pytest.approx(cost)
     assert nb.tp_star(w, bw, layers, 0.0) == float("inf")
+
+
+def test_the_tpot_formula_is_the_planners_step_time_at_batch_1():
+    spec = h100_with(20e-6, 1e-7)
+    terms = formula_terms(spec)
+    context = LLAMA["prompt_tokens"] + LLAMA["new_tokens"] // 2
+    for t in DEGREES:
+        step = planner.step_seconds(
+            model="llama-2-7b", gpu=spec, dtype="fp16", tp=t, batch=1, tokens=1, context=context
+        )
+        assert nb.tpot_model(t, **terms) == pytest.approx(step, rel=0.02)

@@ -71,17 +71,24 @@ def test_mlp_times_reports_every_part_with_its_spread():
 
 
 def test_mlp_sweep_has_a_row_per_point():
-    frame = tp_workers.mlp_sweep([(16, 32), (8, 16)], [1, 2], worlds=(1, 2), backend="gloo",
-                                 repeats=2)  # fmt: skip
+    frame = tp_workers.mlp_sweep(
+        [(16, 32), (8, 16)], [1, 2], worlds=(1, 2), backend="gloo", repeats=2
+    )
     points = list(zip(frame.tp, frame.hidden, frame.batch, strict=True))
     assert points == [(t, h, b) for t in (1, 2) for h in (16, 8) for b in (1, 2)]
 
 
 def test_held_bytes_counts_the_linears_tp_splits(tiny_llama):
     layer = tiny_llama.model.layers[0]
-    linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
-               layer.mlp.down_proj]  # fmt: skip
+    linears = [
+        layer.self_attn.q_proj,
+        layer.self_attn.k_proj,
+        layer.self_attn.v_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_proj,
+        layer.mlp.up_proj,
+        layer.mlp.down_proj,
+    ]
     per_layer = sum(m.weight.numel() for m in linears) * 4  # fp32
     held = tp_workers.held_bytes(tiny_llama)
     assert held["linears"] == per_layer * len(tiny_llama.model.layers)
@@ -226,8 +233,9 @@ def identity(rank, world, obj):
 
 def test_an_argument_the_ranks_cannot_rebuild_names_the_cause(monkeypatch):
     monkeypatch.setattr(DefinedInTheNotebook, "__module__", "__main__")
-    monkeypatch.setattr(sys.modules["__main__"], "DefinedInTheNotebook", DefinedInTheNotebook,
-                        raising=False)  # fmt: skip
+    monkeypatch.setattr(
+        sys.modules["__main__"], "DefinedInTheNotebook", DefinedInTheNotebook, raising=False
+    )
     start = time.perf_counter()
     with pytest.raises(
         launch.WorkerError, match=r"Can't get attribute(.|\n)*Put it in a \.py module"
@@ -282,7 +290,8 @@ def test_the_llama_in_notebook_03_splits_2_or_4_ways_not_8():
 
 def test_the_launcher_is_still_reachable_from_tp():
     assert tp.launch is launch.launch and tp.WorkerError is launch.WorkerError
-    assert launch.COLLECTIVE_BACKENDS == ("gloo", "nccl")
+    assert tp.NotebookFunction is launch.NotebookFunction
+    assert launch.COLLECTIVE_BACKENDS == ("gloo", "nccl") and not hasattr(tp, "BACKENDS")
 
 
 def test_explain_miss_names_the_part_that_missed_most():
