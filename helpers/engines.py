@@ -116,8 +116,13 @@ def _floor_ms(model: str, gpu: str, dtype: str, tp: int, context: int = 0) -> fl
 def _row(engine, constant, value, unit, measured, minus, per) -> dict:
     """One derivation, worded one way: `measured` − each of `minus` (label, ms), ÷ `per`."""
     text = " − ".join([measured, *(f"{label} {ms:.2f} ms" for label, ms in minus)])
-    return {"engine": engine, "constant": constant, "value": value, "unit": unit,
-            "derivation": f"({text}) ÷ {per}"}  # fmt: skip
+    return {
+        "engine": engine,
+        "constant": constant,
+        "value": value,
+        "unit": unit,
+        "derivation": f"({text}) ÷ {per}",
+    }
 
 
 def _per_layer(engine, source, model, gpu, dtype, context=0) -> dict:
@@ -126,8 +131,15 @@ def _per_layer(engine, source, model, gpu, dtype, context=0) -> dict:
     floor = _floor_ms(model, gpu, dtype, 1, context)
     value = (ms - floor) / layers / 1e3
     label = "weight and KV floor" if context else "weight floor"
-    return _row(engine, "layer_s", value, "s", f"{source} TP1 {ms:.2f} ms", [(label, floor)],
-                f"{layers} layers")  # fmt: skip
+    return _row(
+        engine,
+        "layer_s",
+        value,
+        "s",
+        f"{source} TP1 {ms:.2f} ms",
+        [(label, floor)],
+        f"{layers} layers",
+    )
 
 
 def _alpha(engine, source, model, gpu, dtype, tp, layer_s, context=0) -> dict:
@@ -135,9 +147,15 @@ def _alpha(engine, source, model, gpu, dtype, tp, layer_s, context=0) -> dict:
     layers, ms = Shape.of(model).layers, _published_ms(source, model, dtype, tp)
     floor, overhead = _floor_ms(model, gpu, dtype, tp, context), layers * layer_s * 1e3
     value = (ms - floor - overhead) / (2 * layers) / 1e3
-    return _row(engine, f"alpha_s[tp={tp}]", value, "s", f"{source} TP{tp} {ms:.2f} ms",
-                [("floor", floor), ("layer overhead", overhead)],
-                f"(2 · {layers} all-reduces)")  # fmt: skip
+    return _row(
+        engine,
+        f"alpha_s[tp={tp}]",
+        value,
+        "s",
+        f"{source} TP{tp} {ms:.2f} ms",
+        [("floor", floor), ("layer overhead", overhead)],
+        f"(2 · {layers} all-reduces)",
+    )
 
 
 def _alpha_fit(engine, alphas: list[dict]) -> list[dict]:
@@ -146,11 +164,21 @@ def _alpha_fit(engine, alphas: list[dict]) -> list[dict]:
     slope, alpha2 = np.polyfit(np.array(tps) - 2, [a["value"] for a in alphas], 1)
     fit = f"a line through α at TP {', '.join(map(str, tps))}"
     return [
-        {"engine": engine, "constant": "allreduce_s", "value": alpha2, "unit": "s",
-         "derivation": f"{fit}: its value at TP 2"},
-        {"engine": engine, "constant": "allreduce_per_rank_s", "value": max(slope, 0.0),
-         "unit": "s", "derivation": f"{fit}: its slope per further rank (≥ 0)"},
-    ]  # fmt: skip
+        {
+            "engine": engine,
+            "constant": "allreduce_s",
+            "value": alpha2,
+            "unit": "s",
+            "derivation": f"{fit}: its value at TP 2",
+        },
+        {
+            "engine": engine,
+            "constant": "allreduce_per_rank_s",
+            "value": max(slope, 0.0),
+            "unit": "s",
+            "derivation": f"{fit}: its slope per further rank (≥ 0)",
+        },
+    ]
 
 
 def _dequant(engine, source, model, gpu, dtype, layer_s) -> dict:
@@ -159,9 +187,15 @@ def _dequant(engine, source, model, gpu, dtype, layer_s) -> dict:
     floor, overhead = _floor_ms(model, gpu, dtype, 1), shape.layers * layer_s * 1e3
     flops = hardware()[gpu]["flops"]
     value = (ms - floor - overhead) / 1e3 * flops / shape.linear_params
-    return _row(engine, f"dequant_flops[{dtype}]", value, "FLOP per weight",
-                f"{source} {dtype} {ms:.2f} ms", [("floor", floor), ("layer overhead", overhead)],
-                f"({shape.linear_params:.3g} weights ÷ {gpu} {flops:.3g} FLOP/s)")  # fmt: skip
+    return _row(
+        engine,
+        f"dequant_flops[{dtype}]",
+        value,
+        "FLOP per weight",
+        f"{source} {dtype} {ms:.2f} ms",
+        [("floor", floor), ("layer overhead", overhead)],
+        f"({shape.linear_params:.3g} weights ÷ {gpu} {flops:.3g} FLOP/s)",
+    )
 
 
 def _compiled() -> list[dict]:
@@ -170,9 +204,12 @@ def _compiled() -> list[dict]:
     layer = _per_layer("compiled", *args, "bf16")
     alphas = [_alpha("compiled", *args, "bf16", t, layer["value"]) for t in (2, 4, 8)]
     dequant = [_dequant("compiled", *args, dt, layer["value"]) for dt in ("int8", "int4")]
-    fp8 = {**dequant[0], "constant": "dequant_flops[fp8]",
-           "derivation": "taken as int8's: an 8-bit weight widened to 16 bits before the multiply "
-           "(W8A16); no published batch-1 fp8 weight-only time on this engine to derive it"}  # fmt: skip
+    fp8 = {
+        **dequant[0],
+        "constant": "dequant_flops[fp8]",
+        "derivation": "taken as int8's: an 8-bit weight widened to 16 bits before the multiply "
+        "(W8A16); no published batch-1 fp8 weight-only time on this engine to derive it",
+    }
     return [layer, *alphas, *_alpha_fit("compiled", alphas), *dequant, fp8]
 
 
@@ -188,16 +225,30 @@ def _eager(production_alpha: float) -> list[dict]:
     """PyTorch eager (the gpt-fast blog's baseline); every kernel launched from Python, so the
     cost is the host CPU's: the course's own loop on the lent H200's host is shown beside it."""
     rows = [_per_layer("eager", "gpt-fast-blog", "llama-2-7b", "a100-80gb-sxm", "bf16")]
-    rows.append({"engine": "eager", "constant": "allreduce_s", "value": production_alpha,
-                 "unit": "s", "derivation": "as production's (both call NCCL)"})  # fmt: skip
+    rows.append(
+        {
+            "engine": "eager",
+            "constant": "allreduce_s",
+            "value": production_alpha,
+            "unit": "s",
+            "derivation": "as production's (both call NCCL)",
+        }
+    )
     measured = pd.read_csv(DATA_DIR / "measured" / "h200_decode.csv")
     loop = measured[(measured.method == "static-cache loop") & (measured.batch == 1)]
     for r in loop.itertuples():  # its floor already uses the bandwidth measured there
         layers = Shape.of(r.model).layers
-        rows.append(_row("eager (H200 host, for comparison)", f"layer_s[{r.model}]",
-                         (r.tpot_s - r.floor_s) / layers, "s",
-                         f"course loop on the lent H200 {r.tpot_s * 1e3:.2f} ms",
-                         [("its measured floor", r.floor_s * 1e3)], f"{layers} layers"))  # fmt: skip
+        rows.append(
+            _row(
+                "eager (H200 host, for comparison)",
+                f"layer_s[{r.model}]",
+                (r.tpot_s - r.floor_s) / layers,
+                "s",
+                f"course loop on the lent H200 {r.tpot_s * 1e3:.2f} ms",
+                [("its measured floor", r.floor_s * 1e3)],
+                f"{layers} layers",
+            )
+        )
     return rows
 
 
