@@ -122,7 +122,8 @@ class QuantizedKVCache:
         for x, data, scales in ((k, self.keys, self.key_scales), (v, self.values,
                                                                   self.value_scales)):  # fmt: skip
             q, scale = quantize_kv(x, self.kv_dtype)
-            data[i].index_copy_(2, positions, q)
+            # as bytes: index_copy_ has no float8 kernel on CPU, and a byte copy is the same
+            data[i].view(torch.uint8).index_copy_(2, positions, q.view(torch.uint8))
             scales[i].index_copy_(2, positions, scale)
 
     def read(self, i: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,9 +142,14 @@ def test_quantized_cache_decodes_as_the_float_cache_where_values_are_representab
     assert torch.equal(nll_float, nll_int8)
 
 
-def test_int8_cache_stays_close_on_a_random_model(small_llama):
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_8_bit_caches_stay_close_on_a_random_model(small_llama, kv_dtype):
+    if kv_dtype == "fp8" and kvquant.fp8_unsupported("cpu"):
+        pytest.skip("no float8 in this torch")
     ids = torch.randint(0, 97, (64,), generator=torch.Generator().manual_seed(4))
     nll_float, top_float = kvquant.score(small_llama, ids, None)
-    nll_int8, top_int8 = kvquant.score(small_llama, ids, "int8")
-    assert (nll_int8 - nll_float).abs().max() < 0.05
-    assert (top_int8 == top_float).float().mean() > 0.9
+    nll_8, top_8 = kvquant.score(small_llama, ids, kv_dtype)
+    assert (nll_8 - nll_float).abs().max() < 0.05
+    assert (top_8 == top_float).float().mean() > 0.9
+    tokens = kvquant.greedy_decode(small_llama, ids[:5].unsqueeze(0), 4, kv_dtype).tokens
+    assert tokens.shape == (1, 4)
