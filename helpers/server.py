@@ -135,6 +135,13 @@ class Server:
             return 0
         return sum(p.memory_info().rss for p in group_processes(self.process.pid))
 
+    def cache_config(self) -> dict[str, str]:
+        """vLLM's cache settings as it reports them (`vllm:cache_config_info`'s labels:
+        block_size, enable_prefix_caching, cache_dtype, …); {} for another engine."""
+        return info_labels(
+            httpx.get(f"{self.url}/metrics", timeout=5).text, "vllm:cache_config_info"
+        )
+
     def metrics(self) -> dict[str, float]:
         """The server's Prometheus /metrics, each name summed over its label sets."""
         return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=5).text)
@@ -164,6 +171,12 @@ def parse_metrics(text: str) -> dict[str, float]:
             with contextlib.suppress(ValueError):
                 out[m[1]] = out.get(m[1], 0.0) + float(m[3])
     return out
+
+
+def info_labels(text: str, name: str) -> dict[str, str]:
+    """The labels of Prometheus metric `name`'s first sample (an info gauge's settings)."""
+    m = re.search(rf"^{re.escape(name)}\{{([^}}]*)\}}", text, re.MULTILINE)
+    return dict(re.findall(r'(\w+)="([^"]*)"', m[1])) if m else {}
 
 
 def port_free(port: int) -> bool:

@@ -53,10 +53,17 @@ LOAD_COLUMNS = {
 }  # fmt: skip
 
 
+PREFIX_COLUMNS = {
+    "prompts", "ttft_p50_s", "ttft_p90_s", "server_prefill_s_mean", "server_prompt_tokens",
+    "server_cached_prompt_tokens", "server_block_size", "machine", "source",
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "name, columns",
-    [("vllm_cpu_concurrency", CONCURRENCY_COLUMNS), ("vllm_cpu_load", LOAD_COLUMNS)],
-)
+    [("vllm_cpu_concurrency", CONCURRENCY_COLUMNS), ("vllm_cpu_load", LOAD_COLUMNS),
+     ("vllm_cpu_prefix", PREFIX_COLUMNS)],
+)  # fmt: skip
 def test_stored_measurements_have_what_the_notebook_reads(name, columns):
     path = DATA_DIR / "measured" / f"{name}.csv"
     if not path.exists():
