@@ -138,3 +138,22 @@ def test_cells_hold_the_idea_not_the_plumbing():
     for section in sections[1:]:
         if re.match(r"[1-7]\.", section):  # each numbered section but the verdicts ends so
             assert "**Takeaway:**" in section, section.splitlines()[0]
+
+
+def test_int8_kv_cell_equals_the_helper():
+    from helpers import kvquant
+
+    x = torch.randn(2, 3, 9, 64) * torch.logspace(-2, 1, 9)[None, None, :, None]
+    q, scale = nb.quantize_kv_int8(x)
+    hq, hscale = kvquant.quantize_kv(x, "int8")
+    assert torch.equal(q, hq) and torch.equal(scale, hscale)
+    assert ((q.float() * scale - x).abs() <= scale / 2 * (1 + 1e-5)).all()
+
+
+def test_int8_kv_bytes_cell_is_what_the_cache_allocates(tiny_llama):
+    from helpers import kvquant
+
+    shape = shapes.Shape.of(tiny_llama.config)
+    cache = kvquant.QuantizedKVCache(tiny_llama.config, 3, 11, torch.float32, "cpu", "int8")
+    assert nb.int8_kv_bytes(shape, 3, 11) == cache.nbytes
+    assert nb.int8_kv_bytes(shape, 1, 1) == kvquant.bytes_per_token(shape, "int8")
