@@ -184,8 +184,9 @@ def capture_layer_inputs(layer, hidden, position_embeddings) -> tuple[dict, torc
     return captured, output
 
 
-def _set_weight(linear: torch.nn.Linear, w: torch.Tensor) -> None:
-    linear.weight = torch.nn.Parameter(w.to(linear.weight.dtype), requires_grad=False)
+def _set_weight(module: torch.nn.Module, w: torch.Tensor) -> None:
+    """In place: a memory-mapped checkpoint's pages are replaced, not kept beside a new copy."""
+    module.weight.data.copy_(w)
 
 
 def _stacked(layer, names) -> torch.Tensor:
@@ -209,8 +210,7 @@ def quantize_layer(layer, inputs: dict, method: str, bits: int, group_size: int,
             _unstack(layer, names, w * s)
             producer = layer.get_submodule(source)
             folded = producer.weight.detach().float()
-            folded = folded / s if folded.dim() == 1 else folded / s[:, None]
-            producer.weight = torch.nn.Parameter(folded.to(producer.weight.dtype), False)
+            _set_weight(producer, folded / s if folded.dim() == 1 else folded / s[:, None])
     for group, (names, _) in SHARED_INPUTS.items():
         w = _stacked(layer, names)
         if method == "gptq":

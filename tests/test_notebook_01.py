@@ -124,3 +124,57 @@ def test_the_outlier_figure_has_three_panels():
     fig = plots.outliers(ratios, torch.rand(16), layer=1)
     assert len(fig.axes) == 3
     plt.close(fig)
+
+
+# --- Section 5: AWQ and GPTQ, written in the notebook, against helpers.calibrate's fast paths --
+
+
+def correlated(tokens=512, channels=128, rank=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(rank, channels, generator=gen)
+    x = torch.randn(tokens, rank, generator=gen) @ mix
+    return x + 0.1 * torch.randn(tokens, channels, generator=gen)
+
+
+def test_round_to_nearest_cell_equals_the_helper():
+    from helpers import calibrate
+
+    w = torch.randn(24, 192)
+    for bits, group in [(3, 64), (4, 32), (2, 192)]:
+        torch.testing.assert_close(nb.round_to_nearest(w, bits, group),
+                                   calibrate.rtn(w, bits, group), rtol=0, atol=1e-6)  # fmt: skip
+
+
+def test_awq_cell_finds_what_the_helper_finds():
+    from helpers import calibrate
+
+    x = torch.randn(256, 128)
+    x[:, [7, 70]] *= 20  # two salient input channels
+    w = torch.randn(32, 128)
+    s, alpha = nb.awq_scales(w, x, bits=3, group=64, grid=10)
+    hs, halpha, _ = calibrate.awq_scales(w, x, bits=3, group_size=64, grid=10)
+    assert alpha == halpha and alpha > 0
+    torch.testing.assert_close(s, hs)
+    assert set(s.topk(2).indices.tolist()) == {7, 70}
+
+
+def test_gptq_cell_equals_the_helper_and_beats_round_to_nearest():
+    from helpers import calibrate
+
+    x, w = correlated(), torch.randn(48, 128)
+    for bits, group in [(3, 32), (4, 64)]:
+        ours = nb.gptq(w, x, bits, group)
+        fast = calibrate.gptq(w, calibrate.hessian(x), bits, group)
+        same = (ours - fast).abs() <= 1e-4 * w.abs().max()
+        assert same.float().mean() > 0.99  # float order differs; a rare level may flip
+        error = calibrate.output_error(ours, w, x)
+        assert abs(error - calibrate.output_error(fast, w, x)) < 0.02 * error
+        assert error < calibrate.output_error(nb.round_to_nearest(w, bits, group), w, x)
+
+
+def test_gptq_cell_on_uncorrelated_channels_is_round_to_nearest():
+    """x with orthogonal channels of different sizes: H is diagonal, nothing to move."""
+    x = torch.diag(torch.rand(64) + 0.5) * 8  # 64 tokens, each one channel
+    w = torch.randn(16, 64)
+    torch.testing.assert_close(nb.gptq(w, x, 4, 32), nb.round_to_nearest(w, 4, 32), rtol=0,
+                               atol=1e-6)  # fmt: skip
