@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model run test lint lab figures sync-url clean vllm
+.PHONY: setup model run test lint lab figures handout sync-url clean vllm
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,8 +55,14 @@ test: setup vllm lint
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
 
+# The figures and executed pages a reader browsing the repository sees, from this machine's run.
 figures: run
 	cp build/figures/*.png docs/figures/
+	$(PY) tools/publish_executed.py
+
+# Workshop copies of the notebooks without their solution cells, in build/handout/.
+handout: $(STAMP)
+	$(PY) tools/handout.py
 
 sync-url: $(STAMP)
 	$(PY) tools/sync_repo_url.py
