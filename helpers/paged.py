@@ -6,9 +6,13 @@ Every layer's keys and values live in one pool of `kv_blocks` blocks of `block_s
 takes them back; `PagedKVCache` stores and reads keys and values by slot; `forward` runs one
 engine step: several sequences, each at its own position, in one pass of the model.
 
-A cache that stores keys and values differently (quantized, say) subclasses `PagedKVCache` and
-overrides its four storage methods — `allocate`, `write`, `read` and `bytes_per_slot` — and
-nothing else changes: `forward` only writes and reads through them.
+A cache that stores keys and values differently subclasses `PagedKVCache` and overrides its
+four storage methods — `allocate`, `write`, `read` and `bytes_per_slot` — and nothing else
+changes: `forward` only writes and reads through them. `QuantizedPagedKVCache` is one: 8-bit
+keys and values with one fp32 scale per head per token, quantized and dequantized by
+`helpers.kvquant`'s functions (the same math as notebook 02's quantized cache). `make_cache`
+picks the class from `kv_dtype`, `block_bytes` and `blocks_in` say what a block costs and how
+many fit a budget of bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import checks
+from helpers import checks, kvquant
 from helpers.decode import layers
 from helpers.device import check_finite
 from helpers.shapes import Shape
@@ -91,8 +95,7 @@ class PagedKVCache:
     def allocate(self, slots: int, dtype, device) -> dict[str, torch.Tensor]:
         """One layer's storage for `slots` token slots."""
         size = (slots, self.kv_heads, self.head_dim)
-        return {"k": torch.zeros(size, dtype=dtype, device=device),
-                "v": torch.zeros(size, dtype=dtype, device=device)}  # fmt: skip
+        return {name: torch.zeros(size, dtype=dtype, device=device) for name in ("k", "v")}
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v of shape (tokens, kv_heads, head_dim) at `slots`."""
@@ -116,6 +119,73 @@ class PagedKVCache:
         pos = torch.as_tensor(positions, dtype=torch.long)
         blocks = torch.as_tensor(table, dtype=torch.long)[pos // self.block_size]
         return blocks * self.block_size + pos % self.block_size
+
+
+class QuantizedPagedKVCache(PagedKVCache):
+    """The paged cache in 8 bits: per layer, keys and values (slots, kv_heads, head_dim) as
+    int8 (or float8 e4m3, `kv_dtype="fp8"`) and their scales (slots, kv_heads, 1) in fp32, one
+    per head per token, so a token's stored values never depend on another token's. `read`
+    returns them dequantized to the compute `dtype`: attention runs on a float copy of the
+    gathered slots (plain PyTorch has no attention kernel that reads int8)."""
+
+    def __init__(self, config, kv_blocks, block_size, dtype, device, kv_dtype="int8") -> None:
+        self.kv_dtype = kvquant.check_kv_dtype(kv_dtype, device) or "int8"
+        self.dtype = dtype
+        super().__init__(config, kv_blocks, block_size, dtype, device)
+
+    def allocate(self, slots: int, dtype, device) -> dict[str, torch.Tensor]:
+        values, scales = (slots, self.kv_heads, self.head_dim), (slots, self.kv_heads, 1)
+        store = kvquant.storage_dtype(self.kv_dtype)
+        data = {name: torch.zeros(values, dtype=store, device=device) for name in ("k", "v")}
+        return data | {f"{name}_scale": torch.zeros(scales, device=device) for name in ("k", "v")}
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        store = self.storage[layer]
+        for name, x in (("k", k), ("v", v)):
+            q, scale = kvquant.quantize_kv(x, self.kv_dtype)  # scale: (tokens, kv_heads, 1)
+            # as bytes: index_copy_ has no float8 kernel on CPU, and a byte copy is the same
+            store[name].view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
+            store[f"{name}_scale"].index_copy_(0, slots, scale)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        store = self.storage[layer]
+        return tuple(
+            kvquant.dequantize_kv(store[name][slots], store[f"{name}_scale"][slots], self.dtype)
+            for name in ("k", "v")
+        )
+
+    @staticmethod
+    def bytes_per_slot(shape: Shape, element_size: int) -> int:
+        """1 byte per key and value, plus one fp32 scale per head for each (any compute dtype)."""
+        return int(kvquant.bytes_per_token(shape, "int8"))
+
+
+def cache_class(kv_dtype: str | None) -> type[PagedKVCache]:
+    """The paged cache storing `kv_dtype` (None: the model's own dtype; "int8" or "fp8")."""
+    if kv_dtype is None:
+        return PagedKVCache
+    checks.choice("kv_dtype", kv_dtype, kvquant.KV_DTYPES)
+    return QuantizedPagedKVCache
+
+
+def make_cache(config, kv_blocks, block_size, dtype, device, kv_dtype=None) -> PagedKVCache:
+    if kv_dtype is None:
+        return PagedKVCache(config, kv_blocks, block_size, dtype, device)
+    return QuantizedPagedKVCache(config, kv_blocks, block_size, dtype, device, kv_dtype)
+
+
+def block_bytes(config, block_size: int, element_size: int, kv_dtype: str | None = None) -> int:
+    """Bytes one block of `block_size` slots takes, over every layer (scales included)."""
+    block_size = checks.whole("block_size", block_size)
+    return block_size * cache_class(kv_dtype).bytes_per_slot(Shape.of(config), element_size)
+
+
+def blocks_in(
+    budget_bytes: float, config, block_size: int, element_size: int, kv_dtype: str | None = None
+) -> int:
+    """How many whole blocks fit in `budget_bytes` of KV memory."""
+    budget_bytes = checks.positive("budget_bytes", budget_bytes)
+    return int(budget_bytes // block_bytes(config, block_size, element_size, kv_dtype))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ than `max_batch` run and the blocks for the newcomer's first tokens are free. Wi
 `prefill_chunk` a new prompt is prefilled whole in one step; with it, at most that many prompt
 tokens run per step (Sarathi-Serve's chunked prefill), so the decoding sequences keep pace.
 
+**KV dtype.** `kv_dtype="int8"` (or `"fp8"`) keeps keys and values in 8 bits with one fp32
+scale per head per token (`paged.QuantizedPagedKVCache`, `helpers.kvquant`'s math): a block takes
+`paged.block_bytes(...)`, about a quarter of fp32's, so `paged.blocks_in(budget)` gives the same
+memory more blocks and more requests run at once.
+
 **Lengths.** A `Request` asks for at most `max_new_tokens` (the cap a client sends) and stops
 after `output_tokens` if given (the length its answer really has — an end-of-sequence the
 engine cannot foresee). Reservations and the context check use the cap; only the stop uses
@@ -60,7 +65,16 @@ import torch
 from helpers import checks, paged
 from helpers.bench import synchronize
 from helpers.decode import check_llama
-from helpers.paged import BlockAllocator, Feed, KVBudgetError, PagedKVCache, blocks_for
+from helpers.paged import (
+    BlockAllocator,
+    Feed,
+    KVBudgetError,
+    PagedKVCache,
+    QuantizedPagedKVCache,
+    block_bytes,
+    blocks_for,
+    blocks_in,
+)
 from helpers.serving_metrics import (
     goodput,
     inter_token_latencies,
@@ -71,7 +85,7 @@ from helpers.serving_metrics import (
     request_metrics,
     summary,
 )
-from helpers.shapes import Shape, format_bytes
+from helpers.shapes import format_bytes
 from helpers.stepmodel import (
     Step,
     StepModel,
@@ -80,19 +94,18 @@ from helpers.stepmodel import (
     planner_step_time,
     roofline_step_time,
 )
-from helpers.workloads import Request, poisson_trace, published_lengths
+from helpers.workloads import Request, check_requests, poisson_trace, published_lengths
 
 __all__ = [
     "POLICIES", "Request", "Seq", "ServingEngine", "run", "poisson_trace", "published_lengths",
-    "BlockAllocator", "Feed", "KVBudgetError", "PagedKVCache", "blocks_for",
+    "BlockAllocator", "Feed", "KVBudgetError", "PagedKVCache", "QuantizedPagedKVCache",
+    "blocks_for", "blocks_in", "block_bytes",
     "Step", "StepModel", "capacity", "fit_step_time", "planner_step_time", "roofline_step_time",
     "goodput", "inter_token_latencies", "kv_usage", "littles_law", "max_rate_meeting",
     "met_targets", "request_metrics", "summary",
 ]  # fmt: skip
 
 POLICIES = ("continuous", "static")
-# A live run waits for each arrival in real time: one later than this is most likely in ms.
-LIVE_ARRIVAL_LIMIT_S = 3600.0
 
 
 @dataclass(eq=False)  # compared by identity
@@ -134,15 +147,17 @@ def _ceil_div(a: int, b: int) -> int:  # blocks_for without its checks: the hot 
 class ServingEngine:
     """The scheduler, the paged KV cache and the model (None: token counts only)."""
 
-    def __init__(self, model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock):
+    def __init__(
+        self, model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock, kv_dtype=None
+    ):
         self.model, self.policy, self.max_batch = model, policy, max_batch
         self.block_size, self.prefill_chunk, self.clock = block_size, prefill_chunk, clock
         self.alloc = BlockAllocator(kv_blocks)
-        self.cache = None
+        self.cache, self.kv_dtype = None, kv_dtype
         if model is not None:
             weight = next(model.parameters())
-            self.cache = PagedKVCache(
-                model.config, kv_blocks, block_size, weight.dtype, weight.device
+            self.cache = paged.make_cache(
+                model.config, kv_blocks, block_size, weight.dtype, weight.device, kv_dtype
             )
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
@@ -327,17 +342,23 @@ def run(
     prefill_chunk: int | None = None,
     clock: str | Callable[[Step], float] = "wall",
     step: Callable[[ServingEngine, float], float | None] | None = None,
+    kv_dtype: str | None = None,
 ) -> pd.DataFrame:
     """Serve `requests` (sorted by arrival) and return one row per request (module docstring).
 
     `model`: a Llama-architecture model, or None to simulate the schedule without computing
     (then `clock` must be a step-time function). Greedy decoding; each request stops at its
     `output_tokens` (or at `max_new_tokens`). `step(engine, now)`: a step function to use
-    instead of `ServingEngine.step` (notebook 05 runs its own)."""
+    instead of `ServingEngine.step` (notebook 05 runs its own). `kv_dtype`: None keeps keys and
+    values in the model's dtype; "int8" (or "fp8") stores them in 8 bits with one scale per head
+    per token (`paged.QuantizedPagedKVCache`): give it the blocks of the same bytes with
+    `paged.blocks_in`."""
     if step is not None and not callable(step):
         raise TypeError("step must be None or a function (engine, now) -> seconds or None")
-    engine = _engine(model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock)
-    requests = _check_requests(
+    engine = _engine(
+        model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock, kv_dtype
+    )
+    requests = check_requests(
         requests,
         getattr(model.config, "max_position_embeddings", None) if model is not None else None,
         getattr(model.config, "vocab_size", None) if model is not None else None,
@@ -365,8 +386,9 @@ def run(
     return _results(seqs, errors, engine, model is None)
 
 
-def _engine(model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock):
+def _engine(model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock, kv_dtype):
     policy = checks.choice("policy", policy, POLICIES)
+    paged.cache_class(kv_dtype)  # a bad kv_dtype is refused before anything runs
     max_batch = checks.whole("max_batch", max_batch)
     block_size = checks.whole("block_size", block_size)
     kv_blocks = checks.whole("kv_blocks", kv_blocks)
@@ -378,8 +400,10 @@ def _engine(model, policy, max_batch, block_size, kv_blocks, prefill_chunk, cloc
         raise ValueError("model=None simulates the schedule: give clock=a step-time function")
     if model is not None:
         check_llama(model)
-        _check_kv_budget(model, kv_blocks, block_size)
-    return ServingEngine(model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock)
+        _check_kv_budget(model, kv_blocks, block_size, kv_dtype)
+    return ServingEngine(
+        model, policy, max_batch, block_size, kv_blocks, prefill_chunk, clock, kv_dtype
+    )
 
 
 def _too_big(seqs: list[Seq], block_size: int, kv_blocks: int) -> dict[int, str]:
@@ -398,12 +422,10 @@ def _too_big(seqs: list[Seq], block_size: int, kv_blocks: int) -> dict[int, str]
     return errors
 
 
-def _check_kv_budget(model, kv_blocks: int, block_size: int) -> None:
+def _check_kv_budget(model, kv_blocks: int, block_size: int, kv_dtype=None) -> None:
     """The paged cache's bytes, estimated before allocating it, against the memory there is."""
     weight = next(model.parameters())
-    per_block = block_size * PagedKVCache.bytes_per_slot(
-        Shape.of(model.config), weight.element_size()
-    )
+    per_block = paged.block_bytes(model.config, block_size, weight.element_size(), kv_dtype)
     need = kv_blocks * per_block
     if weight.device.type == "cuda":
         have, where = torch.cuda.mem_get_info(weight.device)[0], f"{weight.device} has free"
@@ -435,60 +457,6 @@ def _results(seqs, errors, engine, simulated) -> pd.DataFrame:
     df.attrs["steps"] = pd.DataFrame(engine.steps)
     a = engine.alloc
     df.attrs["blocks"] = {"total": a.num_blocks, "allocated": a.allocated, "freed": a.freed,
-                          "peak_in_use": a.peak, "block_size": engine.block_size}  # fmt: skip
+                          "peak_in_use": a.peak, "block_size": engine.block_size,
+                          "kv_dtype": engine.kv_dtype}  # fmt: skip
     return df
-
-
-def _check_requests(requests, context_limit: int | None, vocab: int | None = None,
-                    live: bool = False) -> list[Request]:  # fmt: skip
-    if isinstance(requests, Request):
-        raise TypeError("requests is one serving.Request: pass a list of them, e.g. [request]")
-    if isinstance(requests, str | bytes | dict) or not hasattr(requests, "__iter__"):
-        raise TypeError(f"requests must be a list of serving.Request, got {requests!r}")
-    requests = list(requests)
-    if not requests:
-        raise ValueError("requests is empty: give at least one serving.Request")
-    last = -math.inf
-    for i, r in enumerate(requests):
-        _check_request(i, r, context_limit, vocab, live)
-        if r.arrival_s < last:
-            raise ValueError(
-                f"requests[{i}] arrives at {r.arrival_s} s, before requests[{i - 1}] "
-                f"({last} s): sort the requests by arrival_s"
-            )
-        last = r.arrival_s
-    return requests
-
-
-def _check_request(i: int, r, context_limit, vocab, live) -> None:
-    if not isinstance(r, Request):
-        raise TypeError(f"requests[{i}] is a {type(r).__name__}, not a serving.Request")
-    ids = r.prompt_ids
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point:
-        raise TypeError(f"requests[{i}].prompt_ids must be a 1-D tensor of token ids")
-    if ids.numel() == 0:
-        raise ValueError(f"requests[{i}] has an empty prompt: give at least one token")
-    checks.whole(f"requests[{i}].max_new_tokens", r.max_new_tokens)
-    if r.output_tokens is not None:
-        checks.whole(f"requests[{i}].output_tokens", r.output_tokens)
-    checks.positive(f"requests[{i}].arrival_s", r.arrival_s, allow_zero=True)
-    if live and r.arrival_s > LIVE_ARRIVAL_LIMIT_S:
-        raise ValueError(
-            f"requests[{i}] arrives at {r.arrival_s:g} s, over an hour away, and "
-            "clock='wall' waits for it in real time: is arrival_s in milliseconds? "
-            "Give seconds (ms / 1000), or a virtual clock"
-        )
-    if vocab is not None:
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab:
-            raise ValueError(
-                f"requests[{i}].prompt_ids holds token id {low if low < 0 else high}, outside "
-                f"the model's vocabulary 0…{vocab - 1}: draw ids below vocab_size, e.g. "
-                f"poisson_trace(..., vocab={vocab}), and never a pad id such as -100"
-            )
-    total = ids.numel() + r.max_new_tokens
-    if context_limit is not None and total > context_limit:
-        raise ValueError(
-            f"requests[{i}] needs {ids.numel()} prompt + {r.max_new_tokens} new = {total} "
-            f"positions; the model's context is {context_limit}: shorten it"
-        )

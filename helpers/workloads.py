@@ -3,6 +3,7 @@ length, arriving as a Poisson process with lengths drawn from a published trace.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,9 @@ import pandas as pd
 import torch
 
 from helpers import DATA_DIR, checks
+
+# A live run waits for each arrival in real time: one later than this is most likely in ms.
+LIVE_ARRIVAL_LIMIT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,58 @@ def poisson_trace(
         Request(torch.randint(low, vocab, (int(p),), generator=gen), cap, float(a), int(o))
         for a, p, o in zip(arrivals, prompts, outputs, strict=True)
     ]
+
+
+def check_requests(requests, context_limit: int | None, vocab: int | None = None,
+                    live: bool = False) -> list[Request]:  # fmt: skip
+    if isinstance(requests, Request):
+        raise TypeError("requests is one serving.Request: pass a list of them, e.g. [request]")
+    if isinstance(requests, str | bytes | dict) or not hasattr(requests, "__iter__"):
+        raise TypeError(f"requests must be a list of serving.Request, got {requests!r}")
+    requests = list(requests)
+    if not requests:
+        raise ValueError("requests is empty: give at least one serving.Request")
+    last = -math.inf
+    for i, r in enumerate(requests):
+        check_request(i, r, context_limit, vocab, live)
+        if r.arrival_s < last:
+            raise ValueError(
+                f"requests[{i}] arrives at {r.arrival_s} s, before requests[{i - 1}] "
+                f"({last} s): sort the requests by arrival_s"
+            )
+        last = r.arrival_s
+    return requests
+
+
+def check_request(i: int, r, context_limit, vocab, live) -> None:
+    if not isinstance(r, Request):
+        raise TypeError(f"requests[{i}] is a {type(r).__name__}, not a serving.Request")
+    ids = r.prompt_ids
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point:
+        raise TypeError(f"requests[{i}].prompt_ids must be a 1-D tensor of token ids")
+    if ids.numel() == 0:
+        raise ValueError(f"requests[{i}] has an empty prompt: give at least one token")
+    checks.whole(f"requests[{i}].max_new_tokens", r.max_new_tokens)
+    if r.output_tokens is not None:
+        checks.whole(f"requests[{i}].output_tokens", r.output_tokens)
+    checks.positive(f"requests[{i}].arrival_s", r.arrival_s, allow_zero=True)
+    if live and r.arrival_s > LIVE_ARRIVAL_LIMIT_S:
+        raise ValueError(
+            f"requests[{i}] arrives at {r.arrival_s:g} s, over an hour away, and "
+            "clock='wall' waits for it in real time: is arrival_s in milliseconds? "
+            "Give seconds (ms / 1000), or a virtual clock"
+        )
+    if vocab is not None:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"requests[{i}].prompt_ids holds token id {low if low < 0 else high}, outside "
+                f"the model's vocabulary 0…{vocab - 1}: draw ids below vocab_size, e.g. "
+                f"poisson_trace(..., vocab={vocab}), and never a pad id such as -100"
+            )
+    total = ids.numel() + r.max_new_tokens
+    if context_limit is not None and total > context_limit:
+        raise ValueError(
+            f"requests[{i}] needs {ids.numel()} prompt + {r.max_new_tokens} new = {total} "
+            f"positions; the model's context is {context_limit}: shorten it"
+        )

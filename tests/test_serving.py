@@ -429,3 +429,75 @@ def test_bad_requests_are_refused():
         serving.run(None, [serving.Request(torch.tensor([[1, 2]]), 3)], clock=unit_steps)
     with pytest.raises(ValueError, match="model=None simulates"):
         serving.run(None, make_requests([(4, 2, 0.0)]))
+
+
+# --- An 8-bit paged cache (issue 21): bytes by formula, more blocks per budget, same tokens ----
+
+
+def test_an_int8_block_takes_the_bytes_its_formula_predicts(tiny_llama):
+    """2 layers × 2 KV heads × head_dim 16, blocks of 4 slots. fp32: 2 (k, v) × 2 × 2 × 16 × 4 B
+    = 512 B per slot; int8: 2 × 2 × 2 × 16 × 1 B + 2 × 2 × 2 scales × 4 B = 160 B per slot."""
+    fp32 = serving.block_bytes(tiny_llama.config, 4, element_size=4)
+    int8 = serving.block_bytes(tiny_llama.config, 4, element_size=4, kv_dtype="int8")
+    assert (fp32, int8) == (4 * 512, 4 * 160)
+    assert int8 <= fp32 / 2  # halved or better, scales included
+    cache = serving.QuantizedPagedKVCache(tiny_llama.config, 8, 4, torch.float32, "cpu")
+    stored = sum(t.numel() * t.element_size() for layer in cache.storage for t in layer.values())
+    assert stored == 8 * int8  # what it allocates is what the formula says
+    assert cache.storage[0]["k"].dtype == torch.int8
+
+
+def test_the_same_budget_holds_more_blocks_and_runs_more_requests_at_once(tiny_llama):
+    budget = 4 * serving.block_bytes(tiny_llama.config, 4, element_size=4)  # 4 fp32 blocks
+    fp32 = serving.blocks_in(budget, tiny_llama.config, 4, element_size=4)
+    int8 = serving.blocks_in(budget, tiny_llama.config, 4, element_size=4, kv_dtype="int8")
+    assert (fp32, int8) == (4, 12)  # 8192 B ÷ 640 B = 12.8 blocks
+    requests = make_requests([(4, 1, 0.0)] * 12)  # one block each, all at once
+    peaks = {}
+    for kv_dtype, blocks in ((None, fp32), ("int8", int8)):
+        df = serving.run(tiny_llama, requests, max_batch=64, block_size=4, kv_blocks=blocks,
+                         clock=unit_steps, kv_dtype=kv_dtype)  # fmt: skip
+        peaks[kv_dtype] = df.attrs["steps"].running.max()
+    assert peaks == {None: 4, "int8": 12}
+
+
+@pytest.fixture(scope="module")
+def representable(tiny_llama):
+    from tests.test_kvquant import exactly_representable
+
+    return exactly_representable(tiny_llama)
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+@pytest.mark.parametrize("prefill_chunk", [None, 4])
+@pytest.mark.parametrize("kv_blocks", [64, 8])  # 8 blocks of 4: requests preempt each other
+def test_int8_paged_serving_equals_decoding_alone_where_values_are_representable(
+    representable, policy, prefill_chunk, kv_blocks
+):
+    requests = make_requests(MIXED)
+    df = serving.run(
+        representable, requests, policy=policy, max_batch=3, block_size=4, kv_blocks=kv_blocks,
+        prefill_chunk=prefill_chunk, clock=linear_steps, kv_dtype="int8",
+    )  # fmt: skip
+    for row, request in zip(df.itertuples(), requests, strict=True):
+        assert row.tokens == alone(representable, request).tolist(), f"request {row.request}"
+    assert df.attrs["blocks"]["kv_dtype"] == "int8"
+
+
+def test_an_int8_cache_changes_tokens_where_values_are_not_representable(tiny_llama):
+    """The random model's values are not multiples of their scale: the int8 cache reads them back
+    changed (within its step), so the equality above is a property of the planted model."""
+    ids = make_requests([(9, 1, 0.0)])[0].prompt_ids.tolist()
+    feeds = [serving.Feed(ids, 0, [3, 0, 5], last=True)]
+    values = {}
+    for kv_dtype in (None, "int8"):
+        cache = serving.paged.make_cache(tiny_llama.config, 8, 4, torch.float32, "cpu", kv_dtype)
+        serving.paged.forward(tiny_llama, cache, feeds)
+        values[kv_dtype] = cache.read(0, torch.tensor([12, 13, 0]))[1]  # as read back
+    assert not torch.equal(values[None], values["int8"])
+    torch.testing.assert_close(values[None], values["int8"], atol=0.05, rtol=0.05)
+
+
+def test_a_bad_kv_dtype_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="Unknown kv_dtype"):
+        serving.run(tiny_llama, make_requests([(4, 2, 0.0)]), kv_dtype="int4")
