@@ -33,7 +33,7 @@ MEMORY_EFFICIENCY = 1700 / 2039
 # all-reduce's bus traffic runs in one direction per link, so it sees half.
 NVLINK_DIRECTIONS = 2
 
-ENGINE_NAMES = ("eager", "compiled", "production")
+ENGINE_NAMES = ("eager", "compiled", "production", "vllm-0.5", "vllm")
 DEFAULT_ENGINE = "compiled"
 
 
@@ -63,6 +63,13 @@ class OverheadPreset:
 @functools.cache
 def published_results() -> pd.DataFrame:
     return pd.read_csv(DATA_DIR / "published_results.csv")
+
+
+@functools.cache
+def published_serving_runs() -> pd.DataFrame:
+    """Published serving benchmarks (`data/published_serving_runs.csv`): fixed concurrency or
+    batch, fixed lengths, client-side metrics; `role` calibration or check, as above."""
+    return pd.read_csv(DATA_DIR / "published_serving_runs.csv")
 
 
 def _tflops(row, column: str) -> float | None:
@@ -252,22 +259,84 @@ def _eager(production_alpha: float) -> list[dict]:
     return rows
 
 
+def _serving_row(source: str, metric: str) -> float:
+    t = published_serving_runs()
+    return float(t[(t.source == source) & (t.metric == metric)].value.iloc[0])
+
+
+def _like_production(engine: str, production: list[dict]) -> list[dict]:
+    """A serving engine runs its model as a production engine does (CUDA graphs, NCCL): the
+    per-layer cost and α are production's; only the per-step host cost is its own."""
+    rows = [r for r in production if r["constant"] in ("layer_s", "allreduce_s")]
+    return [{**r, "engine": engine, "derivation": "as production's"} for r in rows]
+
+
+def _vllm_05(layer_s: float) -> dict:
+    """vLLM 0.5.3's host cost per step, from its own profile (Llama-3-8B bf16, one H100): the GPU
+    ran 38 % of the time, the API server 33 % and the scheduler 29 %, one after the other, so the
+    host took (33 + 29) ÷ 38 = 1.63 GPU steps. The GPU step is the planner's memory-bound one
+    (weight floor + layers × layer_s: a decode batch whose KV reads are small)."""
+    src, model, gpu = "vllm-perf-blog-0.6", "llama-3-8b", "h100-sxm"
+    host = _serving_row(src, "api_server_share") + _serving_row(src, "scheduling_share")
+    gpu_share = _serving_row(src, "gpu_share")
+    step_ms = _floor_ms(model, gpu, "bf16", 1) + Shape.of(model).layers * layer_s * 1e3
+    return {
+        "engine": "vllm-0.5",
+        "constant": "step_s",
+        "value": step_ms * host / gpu_share / 1e3,
+        "unit": "s",
+        "derivation": f"GPU step {step_ms:.2f} ms (weight floor + layer overhead) × (API server "
+        f"{host - _serving_row(src, 'scheduling_share'):.0%} + scheduling "
+        f"{_serving_row(src, 'scheduling_share'):.0%}) ÷ GPU {gpu_share:.0%} ({src})",
+    }
+
+
+def _vllm(layer_s: float) -> dict:
+    """Current vLLM's host cost per step: its CI latency test (Llama-3.1-8B bf16 on one H200,
+    batch 8, 32 tokens in, 128 out) ÷ 128 steps, minus the planner's step (weight and KV floor
+    at the mean context, layers × layer_s); the prefill of 8 × 32 tokens is within rounding."""
+    src, model, gpu = "vllm-ci-benchmark", "llama-3-8b", "h200"
+    t = published_serving_runs()
+    r = t[(t.source == src) & (t.model == model) & (t.role == "calibration")].iloc[0]
+    steps, batch = int(r.output_tokens), int(r.concurrency)
+    context = batch * (int(r.input_tokens) + steps // 2)
+    floor = _floor_ms(model, gpu, "bf16", 1, context)
+    overhead = Shape.of(model).layers * layer_s * 1e3
+    return _row(
+        "vllm",
+        "step_s",
+        (r.value / steps - floor - overhead) / 1e3,
+        "s",
+        f"{src} {r.value:.1f} ms ÷ {steps} steps",
+        [("weight and KV floor", floor), ("layer overhead", overhead)],
+        "1 step",
+    )
+
+
 def derive_engines() -> pd.DataFrame:
     """Every engine constant and the published rows it comes from, step by step."""
     production = _production()
     alpha = next(r["value"] for r in production if r["constant"] == "allreduce_s")
-    return pd.DataFrame([*_compiled(), *production, *_eager(alpha)])
+    layer_s = next(r["value"] for r in production if r["constant"] == "layer_s")
+    serving = [
+        *_like_production("vllm-0.5", production),
+        _vllm_05(layer_s),
+        *_like_production("vllm", production),
+        _vllm(layer_s),
+    ]
+    return pd.DataFrame([*_compiled(), *production, *_eager(alpha), *serving])
 
 
 @functools.cache
 def engines() -> dict[str, OverheadPreset]:
-    """The three engine presets, with the constants `derive_engines()` shows."""
+    """The engine presets, with the constants `derive_engines()` shows."""
     d = derive_engines().set_index(["engine", "constant"]).value
     dequant = {dt: d["compiled", f"dequant_flops[{dt}]"] for dt in ("int8", "int4", "fp8")}
     source = "derived in helpers.engines.derive_engines() from data/published_results.csv"
     return {
         name: OverheadPreset(
             name,
+            step_s=float(d.get((name, "step_s"), 0.0)),
             layer_s=d[name, "layer_s"],
             allreduce_s=d[name, "allreduce_s"],
             allreduce_per_rank_s=d["compiled", "allreduce_per_rank_s"],

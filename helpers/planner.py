@@ -45,6 +45,7 @@ from helpers.engines import (
     derive_engines,
     engines,
     published_results,
+    published_serving_runs,
 )
 from helpers.shapes import (
     KV_DTYPES,
@@ -98,6 +99,7 @@ __all__ = [
     "predict",
     "published_gpus",
     "published_results",
+    "published_serving_runs",
     "skinny_rate",
     "spec_from_ceilings",
     "step_seconds",

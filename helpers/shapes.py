@@ -257,3 +257,35 @@ def format_bytes(n: float) -> str:
     while abs(n) >= 1024 and i < len(units) - 1:
         n, i = n / 1024, i + 1
     return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+# More published architectures (each model's config.json on the hub): the planner, `deploy.serve`
+# and the memory calculator take any of them, or any config.json itself (`Shape.of(dict)`,
+# `shape_from_config_file`). Qwen2's q/k/v biases (a few thousand values) are left out.
+ARCHITECTURES.update(
+    {
+        "llama-3.1-8b": ARCHITECTURES["llama-3-8b"],  # meta-llama/Llama-3.1-8B: same shape
+        "mistral-7b": dict(  # mistralai/Mistral-7B-v0.1
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+        ),
+        "qwen2.5-7b": dict(  # Qwen/Qwen2.5-7B
+            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+        ),
+    }
+)  # fmt: skip
+
+
+def shape_from_config_file(path) -> Shape:
+    """A model's shape from its Hugging Face `config.json` (Llama, Mistral, Qwen2 and other
+    decoder-only models that name their fields as Llama does)."""
+    import json  # standard library only: the facts layer stays free of torch
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}: give a model directory or its file")
+    return Shape.of(json.loads(path.read_text()))
