@@ -61,18 +61,16 @@ class Job:
 
 
 def jobs_from(requests) -> list[Job]:
-    """Jobs from the course's requests (`serving.Request`: prompt_ids, max_new_tokens, arrival_s),
-    or from (prompt, max_tokens[, arrival_s]) tuples."""
+    """Jobs from the course's requests (`serving.Request`: prompt_ids, arrival_s, and the answer's
+    true length `length` — its sampled `output_tokens` under the `max_new_tokens` cap), or from
+    (prompt, max_tokens[, arrival_s]) tuples. A server cannot know where a trace's answer ended,
+    so each job asks for exactly that many tokens (`max_tokens` with `ignore_eos`, as `vllm bench
+    serve` replays a dataset's output lengths), not the cap."""
     jobs = []
     for r in requests:
         if hasattr(r, "prompt_ids"):
-            jobs.append(
-                Job(
-                    tuple(int(t) for t in r.prompt_ids.tolist()),
-                    int(r.max_new_tokens),
-                    float(r.arrival_s),
-                )
-            )
+            prompt = tuple(int(t) for t in r.prompt_ids.tolist())
+            jobs.append(Job(prompt, int(r.length), float(r.arrival_s)))
         else:
             prompt = r[0] if isinstance(r[0], str) else tuple(int(t) for t in r[0])
             jobs.append(Job(prompt, int(r[1]), float(r[2]) if len(r) > 2 else 0.0))

@@ -113,6 +113,10 @@ def test_jobs_from_the_course_trace_keep_prompts_lengths_and_arrivals():
     assert [len(j.prompt) for j in js] == [r.prompt_ids.numel() for r in trace]
     assert [j.arrival_s for j in js] == [r.arrival_s for r in trace]
     assert js[0].prompt == tuple(trace[0].prompt_ids.tolist())
+    # each job asks for its answer's sampled length, never the cap every request carries
+    assert [j.max_tokens for j in js] == [r.output_tokens for r in trace]
+    assert len({r.max_new_tokens for r in trace}) == 1
+    assert len({j.max_tokens for j in js}) > 1
     again = loadgen.at_rate(js, 4.0, seed=1)
     assert [j.prompt for j in again] == [j.prompt for j in js]
     assert np.mean(np.diff([0] + [j.arrival_s for j in again])) == pytest.approx(0.25, rel=1)

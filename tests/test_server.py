@@ -5,6 +5,7 @@ vLLM server once (module fixture: ~2 minutes on 2 cores) where `make vllm` has b
 as `make test` does."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,10 +141,16 @@ needs_vllm = pytest.mark.skipif(
 )
 
 
+# The server these tests share runs a planner configuration's flags, those a CPU build honours
+# (fp32, TP 1, a batch cap, a prefill budget, a context): item 5's command, started for real.
+PLAN = {"dtype": "fp32", "tp": 1, "batch": 6}
+PLAN_FLAGS = server.serve_flags(PLAN, max_model_len=1024, max_num_batched_tokens=512)
+
+
 @pytest.fixture(scope="module")
 def vllm():
     os.environ.pop(server.URL_ENV, None)
-    srv = server.start(timeout_s=900)
+    srv = server.start(timeout_s=900, args=PLAN_FLAGS)
     yield srv
     pgid = srv.process.pid
     srv.stop()
@@ -176,6 +183,31 @@ def test_vllm_greedy_output_equals_the_course_decode_loop(vllm):
                      progress=False, warmup=0)  # fmt: skip
     assert df.error[0] == ""
     assert df.text[0] == lm.tokenizer.decode(ours), (df.text[0], lm.tokenizer.decode(ours))
+
+
+@needs_vllm
+def test_the_server_runs_the_planners_flags(vllm):
+    assert vllm.command.count("--dtype") == 1 and vllm.command.count("--max-model-len") == 1
+    args = re.findall(r"non-default args: (\{.*\})", vllm.log_tail(10**6))
+    assert args, "vLLM logged no non-default args"
+    for key, value in (("max_num_seqs", "6"), ("max_num_batched_tokens", "512"),
+                       ("max_model_len", "1024"), ("dtype", "'float32'")):  # fmt: skip
+        assert f"'{key}': {value}" in args[-1], (key, args[-1])
+
+
+def test_serve_flags_split_past_one_node_and_refuse_what_vllm_lacks():
+    flags = server.serve_flags({"dtype": "bf16", "tp": 16, "batch": 64}, 4096, kv_dtype="fp8")
+    text = " ".join(flags)
+    assert "--tensor-parallel-size 8 --pipeline-parallel-size 2" in text
+    assert "--distributed-executor-backend ray" in text and "--kv-cache-dtype fp8" in text
+    fp8 = server.serve_flags({"dtype": "fp8-w8a8", "tp": 1, "batch": 8}, 512)
+    assert "--quantization fp8" in " ".join(fp8) and "--dtype" not in fp8
+    with pytest.raises(ValueError, match="whole nodes"):
+        server.serve_flags({"dtype": "bf16", "tp": 12, "batch": 8}, 512)
+    with pytest.raises(ValueError, match="no 'int8' KV cache"):
+        server.serve_flags({"dtype": "bf16", "tp": 1, "batch": 8}, 512, kv_dtype="int8")
+    many = server.serve_command("org/m", {"dtype": "bf16", "tp": 8, "batch": 8, "replicas": 4}, 512)
+    assert "router" in many and "--data-parallel-size" not in many  # 32 GPUs: 4 servers
 
 
 def test_window_means_come_from_histogram_deltas():
