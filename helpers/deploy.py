@@ -34,15 +34,23 @@ from helpers.shapes import Shape, kv_cache_bytes, kv_value_bytes
 from helpers.stepcost import FORMATS
 from helpers.stepmodel import planner_step_time
 
-# vLLM V1's defaults for its OpenAI server on a GPU (vllm/engine/arg_utils.py): 1,024 sequences
-# on an H100-class GPU is too many for most models' memory, so the cache stops them first;
-# 256 is the documented --max-num-seqs default, 8,192 the server's --max-num-batched-tokens
-# on GPUs with ≥ 70 GiB (chunked prefill always on in V1), 16-token KV blocks, 90 % of memory.
-MAX_NUM_SEQS = 256
-MAX_NUM_BATCHED_TOKENS = 8192
+# vLLM's batch defaults for its OpenAI server (vllm/engine/arg_utils.py, get_batch_defaults,
+# vLLM 0.32): (--max-num-seqs, --max-num-batched-tokens) by the GPU's memory; chunked prefill is
+# always on in V1. A100s keep the smaller pair (a larger token budget cut their throughput).
+VLLM_BATCH_DEFAULTS = {"160 GB and more": (1024, 16384), "70 GB and more": (1024, 8192),
+                       "other": (256, 2048), "cpu": (128, 2048)}  # fmt: skip
 BLOCK_SIZE = 16
 GPU_MEMORY_UTILIZATION = 0.9
 CLOSED_LOOP_ROUNDS = 4  # requests per seat a closed loop sends (the first round ramps up)
+
+
+def vllm_batch_defaults(spec) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) vLLM's server picks on this GPU."""
+    if spec.memory >= 160 * 2**30:
+        return VLLM_BATCH_DEFAULTS["160 GB and more"]
+    if spec.memory >= 70 * 2**30 and "a100" not in spec.name:
+        return VLLM_BATCH_DEFAULTS["70 GB and more"]
+    return VLLM_BATCH_DEFAULTS["other"]
 
 
 def kv_blocks(model, gpu, dtype: str, tp: int, kv_dtype=None, utilization=GPU_MEMORY_UTILIZATION):
@@ -95,21 +103,23 @@ def serve(
     engine: str = "vllm",
     kv_dtype=None,
     requests: int | None = None,
-    max_num_seqs: int = MAX_NUM_SEQS,
-    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
     seed: int = 0,
 ) -> pd.Series:
     """A serving run predicted: `concurrency` requests kept in flight, or Poisson arrivals at
     `rate` per second (one of them), each `input_tokens` in and `output_tokens` out, on `tp`
     GPUs run by `engine`. Returns TTFT / ITL / TPOT / latency p50 and p99 and mean (s), output
-    tokens/s and requests/s, and the batch cap and cache it ran with (see the module docstring)."""
+    tokens/s and requests/s, and the batch cap and cache it ran with (see the module docstring).
+    `max_num_seqs` / `max_num_batched_tokens` None: vLLM's defaults on that GPU."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give one of concurrency= (a closed loop) or rate= (Poisson arrivals)")
     input_tokens = checks.whole("input_tokens", input_tokens)
     output_tokens = checks.whole("output_tokens", output_tokens)
-    max_num_seqs = checks.whole("max_num_seqs", max_num_seqs)
-    chunk = checks.whole("max_num_batched_tokens", max_num_batched_tokens)
     spec = planner.gpu_spec(gpu, engine) if isinstance(gpu, str) else gpu
+    seqs_default, chunk_default = vllm_batch_defaults(spec)
+    max_num_seqs = checks.whole("max_num_seqs", max_num_seqs or seqs_default)
+    chunk = checks.whole("max_num_batched_tokens", max_num_batched_tokens or chunk_default)
     clock = planner_step_time(model, spec, dtype, tp)  # checks model, dtype and tp
     seats = max_num_seqs
     if concurrency is not None:
