@@ -90,6 +90,31 @@ def _from_send(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def simulate(
+    requests, clock, kv_blocks: int, max_num_seqs: int, max_num_batched_tokens: int,
+    concurrency: int | None = None, block_size: int = BLOCK_SIZE,
+) -> pd.Series:  # fmt: skip
+    """The course's scheduler serving `requests` as vLLM's does (running requests first,
+    chunked prefill within `max_num_batched_tokens`, at most `max_num_seqs` at once) on the
+    virtual `clock(step) -> seconds`. `concurrency`: a client's closed loop of that many in
+    flight (every request ready at once; each timed from when it is sent, i.e. admitted);
+    None: the requests' own arrival times, queueing included. p50 / p99 and means."""
+    if concurrency is not None and concurrency > max_num_seqs:
+        raise ValueError(
+            f"a closed loop of {concurrency} beyond max_num_seqs={max_num_seqs} waits in the "
+            "server's queue: give the requests arrival times instead (concurrency=None)"
+        )
+    seats = max_num_seqs if concurrency is None else concurrency
+    df = serving.run(None, requests, max_batch=seats, block_size=block_size, kv_blocks=kv_blocks,
+                     prefill_chunk=max_num_batched_tokens, clock=clock)  # fmt: skip
+    if concurrency is not None:
+        df = _from_send(df)
+    s = serving.summary(df, percentiles=(50, 99))
+    ok = df[df.error == ""]
+    means = {f"{m}_mean_s": float(ok[f"{m}_s"].mean()) for m in ("ttft", "tpot", "latency")}
+    return pd.Series({**s, **means, "max_num_seqs": seats, "kv_blocks": kv_blocks})
+
+
 def serve(
     *,
     model,
@@ -123,20 +148,14 @@ def serve(
     clock = planner_step_time(model, spec, dtype, tp)  # checks model, dtype and tp
     seats = max_num_seqs
     if concurrency is not None:
-        seats = min(checks.whole("concurrency", concurrency), max_num_seqs)
+        seats = checks.whole("concurrency", concurrency)
     else:
         rate = checks.positive("rate", rate)
     n = checks.whole("requests", requests) if requests else CLOSED_LOOP_ROUNDS * seats + 4
     blocks = kv_blocks(model, spec, dtype, tp, kv_dtype)
-    df = serving.run(None, _requests(input_tokens, output_tokens, n, rate, seed),
-                     max_batch=seats, block_size=BLOCK_SIZE, kv_blocks=blocks,
-                     prefill_chunk=chunk, clock=clock)  # fmt: skip
-    if concurrency is not None:
-        df = _from_send(df)
-    s = serving.summary(df, percentiles=(50, 99))
-    ok = df[df.error == ""]
-    means = {f"{m}_mean_s": float(ok[f"{m}_s"].mean()) for m in ("ttft", "tpot", "latency")}
-    return pd.Series({**s, **means, "max_num_seqs": seats, "kv_blocks": blocks, "engine": engine})
+    trace = _requests(input_tokens, output_tokens, n, rate, seed)
+    s = simulate(trace, clock, blocks, max_num_seqs, chunk, concurrency=concurrency)
+    return pd.concat([s, pd.Series({"engine": engine})])
 
 
 # Published metrics and the prediction in the same unit (genai-perf / AIPerf's "ITL" is the mean

@@ -560,6 +560,14 @@ def measure(
     return row, df
 
 
+def refusal(log: str) -> str:
+    """The one line in which a server that died says why (its last `...Error: ...` line), or the
+    last non-empty log line where none names an error."""
+    errors = re.findall(r"^.*?(\w+(?:Error|Exception): .+)$", log, flags=re.MULTILINE)
+    lines = [line for line in log.splitlines() if line.strip()]
+    return (errors[-1] if errors else lines[-1] if lines else "").strip()
+
+
 def kv_cache_tokens(log: str) -> float:
     """The KV-cache size vLLM reports in its start log ("KV cache size: 23,296 tokens"); NaN if
     the log has no such line (another engine, or an outside server)."""

@@ -48,6 +48,8 @@ def test_bad_input_gets_one_line_naming_the_fix():
         deploy.serve(**args, rate=0)
     with pytest.raises(ValueError, match="engine"):
         deploy.serve(**args, concurrency=1, engine="nope")
+    with pytest.raises(ValueError, match="waits in the server's queue"):
+        deploy.serve(**args, concurrency=8, max_num_seqs=4)
     with pytest.raises(ValueError, match="no room for a KV cache"):
         deploy.serve(**{**args, "model": "llama-3-70b", "gpu": "rtx-4090"}, concurrency=1)
 

@@ -234,6 +234,17 @@ def test_serve_command_realises_a_planner_configuration():
     assert "--dtype" not in int4 and "AWQ or GPTQ" in int4 and "--data-parallel" not in int4
 
 
+def test_refusal_is_the_line_that_names_the_error():
+    log = (
+        "INFO starting\nTraceback (most recent call last):\n  File x\n(EngineCore pid=1) "
+        "NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX.\nINFO bye\n"
+    )
+    assert server.refusal(log) == (
+        "NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
+    )
+    assert server.refusal("INFO a\nkilled\n") == "killed"
+
+
 def test_kv_cache_tokens_is_read_from_the_log():
     log = "INFO [kv_cache_utils.py:2327] CPU KV cache size: 23,296 tokens, Maximum concurrency"
     assert server.kv_cache_tokens(log) == 23_296
