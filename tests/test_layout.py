@@ -36,6 +36,7 @@ LAYERS = {
         "paged",
         "workloads",
         "server",
+        "deploy",
         "calibrate",
         "kvquant",
     },
