@@ -1,9 +1,12 @@
 """Notebook 06's idea cells against known answers and the helpers; its stored measurements."""
 
+import functools
+
 import pandas as pd
 import pytest
+import torch
 
-from helpers import DATA_DIR, loadgen, shapes
+from helpers import DATA_DIR, deploy, loadgen, serving, shapes
 from tests.notebook_defs import definitions
 
 nb = definitions("06_real_server")
@@ -38,6 +41,24 @@ def test_memory_bound_prediction_scales_with_concurrency():
     assert nb.predicted_tokens_per_s(1, 0.05) == pytest.approx(20)
 
 
+def test_the_calibrated_step_prices_prefill_and_decode_apart():
+    step = serving.Step(seqs=3, tokens=2 + 40, context=500, prefill_tokens=40, decode_seqs=2)
+    assert nb.vllm_step_s(step, 0.05, 0.01, 0.001) == pytest.approx(0.05 + 0.02 + 0.04)
+
+
+def test_one_stream_on_the_calibrated_clock_is_one_prefill_then_equal_steps():
+    clock = functools.partial(nb.vllm_step_s, fixed_s=0.05, per_decode_s=0.01,
+                              per_prompt_token_s=0.001)  # fmt: skip
+    request = serving.Request(torch.arange(100, 164), 10, 0.0, 10)
+    s = deploy.simulate([request], clock, kv_blocks=64, max_num_seqs=128,
+                        max_num_batched_tokens=2048, concurrency=1)  # fmt: skip
+    assert s.ttft_p50_s == pytest.approx(0.05 + 64 * 0.001)  # one step feeds the whole prompt
+    assert s.tpot_p50_s == pytest.approx(0.05 + 0.01)  # then one decoding sequence a step
+    chunked = deploy.simulate([request], clock, kv_blocks=64, max_num_seqs=8,
+                              max_num_batched_tokens=16, concurrency=1)  # fmt: skip
+    assert chunked.ttft_p50_s == pytest.approx(4 * 0.05 + 64 * 0.001)  # four 16-token chunks
+
+
 # What the notebook reads from its stored measurements where no server can run (Binder).
 CONCURRENCY_COLUMNS = {
     "machine", "source", "load_avg_1m", "start_s", "server_rss", "kv_tokens", "concurrency",
@@ -59,10 +80,16 @@ PREFIX_COLUMNS = {
 }  # fmt: skip
 
 
+KNOB_COLUMNS = {
+    "knob", "workload", "start_s", "ttft_p50_s", "itl_p50_s", "itl_p99_s", "kv_tokens",
+    "refused", "machine", "source",
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "name, columns",
     [("vllm_cpu_concurrency", CONCURRENCY_COLUMNS), ("vllm_cpu_load", LOAD_COLUMNS),
-     ("vllm_cpu_prefix", PREFIX_COLUMNS)],
+     ("vllm_cpu_prefix", PREFIX_COLUMNS), ("vllm_cpu_knobs", KNOB_COLUMNS)],
 )  # fmt: skip
 def test_stored_measurements_have_what_the_notebook_reads(name, columns):
     path = DATA_DIR / "measured" / f"{name}.csv"
