@@ -7,7 +7,9 @@ or the value, so a learner who has not worked it out cannot read it off the cell
 
 from __future__ import annotations
 
-from helpers import deploy
+import dataclasses
+
+from helpers import deploy, planner, shapes
 from helpers.exercises import answer, derive, exercise, investigate, predict
 
 __all__ = ["answer", "derive", "investigate", "predict"]
@@ -97,7 +99,205 @@ def _per_layer_cost(result, notebook_slope_s):
 # --- 02 · memory and buffers ----------------------------------------------------------
 
 
+@exercise(
+    "02.llama3-kv",
+    "compute",
+    "Llama-3-8B's KV cache for 4 sequences of 8,192 tokens in bf16",
+    rtol=0.02,
+    tolerance_why="arithmetic on published shapes: only rounding differs",
+    hint="2 tensors (keys, values) × layers × batch × context × KV heads × head dimension × "
+    "bytes per value; GQA: count the KV heads, not the query heads. State your unit (unit='GB' "
+    "or 'GiB')",
+    unit="GiB",
+)
+def _llama3_kv_gib(model, batch, context, bytes_per_value):
+    return shapes.kv_cache_bytes(shapes.Shape.of(model), batch, context, bytes_per_value) / 2**30
+
+
+@exercise(
+    "02.max-batch",
+    "derive",
+    "max_batch(model, context, budget_bytes, weight_bytes, value_bytes): the largest batch whose "
+    "weights and KV cache fit in budget_bytes (activations and logits left out)",
+    rtol=0.0,
+    tolerance_why="a whole number of sequences: exact",
+    hint="what is left after the weights (parameters × bytes per weight), divided by one "
+    "sequence's KV cache at that context, rounded down; 0 when the weights alone do not fit",
+    cases=(
+        dict(model="llama-2-7b", context=4096, budget_bytes=80e9, weight_bytes=2, value_bytes=2),
+        dict(
+            model="llama-2-7b", context=4096, budget_bytes=80 * 2**30, weight_bytes=2, value_bytes=2
+        ),
+        dict(model="llama-3-8b", context=8192, budget_bytes=80e9, weight_bytes=2, value_bytes=1),
+        dict(model="llama-2-13b", context=4096, budget_bytes=24e9, weight_bytes=2, value_bytes=2),
+        dict(model="smollm2-135m", context=2048, budget_bytes=2**30, weight_bytes=4, value_bytes=4),
+    ),
+)
+def _weights_and_kv_max_batch(model, context, budget_bytes, weight_bytes, value_bytes):
+    shape = shapes.Shape.of(model)
+    room = budget_bytes - shape.params * weight_bytes
+    return max(0, int(room // shapes.kv_cache_bytes(shape, 1, context, value_bytes)))
+
+
+@exercise(
+    "02.request-peak",
+    "predict",
+    "the peak one request adds: batch 1 × 384 prompt tokens, 2 new tokens, every position's "
+    "logits kept (MiB)",
+    rtol=0.15,
+    tolerance_why="±15 %: section 8 judges a request's peak within 10 %, and a smaller request "
+    "leaves more of it to the allocator's rounding; or the run's spread",
+    hint="its KV cache for prompt + new tokens, plus the larger of its widest moment inside a "
+    "layer and after the last one; with every position's logits kept, which of the two is it, "
+    "and how many bytes does one position's scores over the vocabulary take?",
+    unit="MiB",
+)
+def _request_peak_mib(measured):
+    return measured
+
+
+@exercise(
+    "02.int8-fits",
+    "investigate",
+    "the batch that fits at another context, with the float and the int8 cache",
+)
+def _int8_fits(result, notebook_context):
+    """A result {"context": c, "float": frontier, "int8": frontier, "predicted_ratio": r}: two
+    `memory.search_frontier` frames at context c and the ratio predicted before they ran."""
+    frames = [result.get(k) for k in ("float", "int8")]
+    if any(f is None or not hasattr(f, "found") or len(f) != 1 for f in frames):
+        return "give the two searches' frames (one context each) as 'float' and 'int8'"
+    contexts = {int(f.context.iloc[0]) for f in frames}
+    if contexts != {result.get("context")}:
+        return "both searches must run at your 'context'"
+    if result["context"] == notebook_context:
+        return f"section 4 already searched at {notebook_context} tokens: pick another context"
+    found_float, found_int8 = (int(f.found.iloc[0]) for f in frames)
+    if found_float < 1:
+        return "not even one float request fits at this context: pick a shorter one"
+    if found_int8 < found_float:
+        return "the int8 cache fit fewer sequences than the float one: swapped frames?"
+    predicted = result.get("predicted_ratio")
+    if predicted is None or not predicted > 0:
+        return "state your predicted ratio (int8 batch ÷ float batch) before the searches run"
+    found_ratio = found_int8 / found_float
+    if abs(predicted / found_ratio - 1) > 0.25:
+        way = "high" if predicted > found_ratio else "low"
+        return (
+            f"your predicted ratio is too {way} (more than 25 % from the searches'): the cache "
+            "shrinks by the bytes per value (with its scales), the activations of the widest "
+            "moment do not, and the batch grows by the ratio of whole requests"
+        )
+    return ""
+
+
 # --- 03 · tensor parallelism ----------------------------------------------------------
+
+
+@exercise(
+    "03.bytes-per-token",
+    "derive",
+    "bytes_sent_per_token(model, tp, batch, bytes_per_value): the bytes each device sends in "
+    "all-reduces per generated token (ring all-reduce)",
+    rtol=1e-6,
+    tolerance_why="a formula: exact",
+    hint="two all-reduces per layer, each of batch × hidden × bytes per value; a ring all-reduce "
+    "sends 2(p − 1)/p of its message per device; one device sends nothing",
+    cases=(
+        dict(model="llama-2-13b", tp=4, batch=1, bytes_per_value=2),
+        dict(model="llama-3-70b", tp=8, batch=16, bytes_per_value=2),
+        dict(model="llama-2-7b", tp=1, batch=8, bytes_per_value=2),
+        dict(model="smollm2-135m", tp=3, batch=4, bytes_per_value=4),
+    ),
+)
+def _bytes_sent_per_token(model, tp, batch, bytes_per_value):
+    shape = shapes.Shape.of(model)
+    message = batch * shape.hidden * bytes_per_value
+    return 2 * shape.layers * shapes.allreduce_bus_bytes(message, tp)
+
+
+@exercise(
+    "03.comm-per-token",
+    "compute",
+    "the all-reduce time per generated token of Llama-2-13B at TP 2, fp16, batch 8, over this "
+    "machine's link (ms)",
+    rtol=0.02,
+    tolerance_why="arithmetic on the notebook's own fit: only rounding differs",
+    hint="two all-reduces per layer (Llama-2-13B: 40 layers, hidden 5120), each α + β·n with n "
+    "the message in bytes (batch × hidden × 2), in milliseconds",
+    unit="ms",
+)
+def _comm_per_token_ms(alpha, beta):
+    message = 8 * 5120 * 2  # batch 8 × hidden × fp16
+    return 2 * 40 * (alpha + beta * message) * 1e3
+
+
+@exercise(
+    "03.allreduce-new-size",
+    "predict",
+    "one all-reduce of Llama-2-13B's decode activations at batch 32 in fp32 between this "
+    "machine's ranks (ms)",
+    rtol=0.25,
+    tolerance_why="±25 %, widened to this measurement's IQR or the fit's miss at section 3's "
+    "sizes either side, whichever is larger",
+    hint="the message is batch × hidden × 4 bytes; section 3's fit prices it as α + β·n",
+    unit="ms",
+)
+def _allreduce_new_size_ms(measured):
+    return measured
+
+
+def _first_not_falling(degrees, times):
+    for t, now, after in zip(degrees, times, times[1:], strict=False):
+        if after >= now:
+            return t
+    return degrees[-1]
+
+
+@exercise(
+    "03.tpot-stops",
+    "investigate",
+    "where TPOT stops falling, for an all-reduce latency of your choice",
+)
+def _tpot_stops(result, gpu, workload, weight_bytes):
+    """A result {"alpha_s", "per_rank_s", "tpot_ms": {degree: ms}, "stops_at", "t_star"}: the
+    planner's batch-1 TPOT of `workload` on `gpu` with α(2) = alpha_s growing by per_rank_s a
+    rank, the degree after which it no longer falls, and the formula's t*."""
+    keys = {"alpha_s", "per_rank_s", "tpot_ms", "stops_at", "t_star"}
+    if not isinstance(result, dict) or not keys <= set(result):
+        return f"give a dict with {sorted(keys)}"
+    degrees = sorted(result["tpot_ms"])
+    if len(degrees) < 4 or degrees[0] != 1:
+        return "measure at least four TP degrees, starting at 1"
+    engine = dataclasses.replace(
+        gpu.engine, allreduce_s=result["alpha_s"], allreduce_per_rank_s=result["per_rank_s"]
+    )
+    if (result["alpha_s"], result["per_rank_s"]) == (
+        gpu.engine.allreduce_s,
+        gpu.engine.allreduce_per_rank_s,
+    ):
+        return "that is the notebook's engine: change α or its growth per rank"
+    spec = dataclasses.replace(gpu, engine=engine)
+    for t in degrees:
+        planned = planner.predict(**workload, gpu=spec, tp=t, batch=1).tpot_s * 1e3
+        if abs(result["tpot_ms"][t] / planned - 1) > 0.02:
+            return f"your TPOT at TP {t} is not the planner's for your α: rerun the table"
+    times = [result["tpot_ms"][t] for t in degrees]
+    if result["stops_at"] != _first_not_falling(degrees, times):
+        return "stops_at should be the first degree of your table after which TPOT no longer falls"
+    if not 1 < result["stops_at"] < degrees[-1]:
+        return (
+            "in your table TPOT does not stop falling past TP 1 and before your largest degree: "
+            "choose a growth per rank that makes it stop inside your grid"
+        )
+    if not result["per_rank_s"] > 0:
+        return "t* needs a growth per rank s > 0: with s = 0, α is paid once and TPOT falls on"
+    bandwidth = gpu.bandwidth * gpu.engine.memory_efficiency
+    layers = shapes.Shape.of(workload["model"]).layers
+    star = (weight_bytes / (4 * layers * result["per_rank_s"] * bandwidth)) ** 0.5
+    if abs(result["t_star"] / star - 1) > 0.05:
+        return "t_star should be the formula's √(W ÷ (4·L·s·BW)) for your growth per rank s"
+    return ""
 
 
 # --- 04 · latency vs throughput -------------------------------------------------------

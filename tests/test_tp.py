@@ -6,12 +6,14 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.colors as mcolors
+import pandas as pd
 import psutil
 import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import launch, shapes, tp, tp_workers
+from helpers import launch, plots, shapes, tp, tp_workers
 
 torch.manual_seed(0)
 
@@ -308,3 +310,74 @@ def test_the_parts_of_a_miss_add_up_to_the_whole_miss():
     gaps = tp.miss_by_part(4.1e-3, 1.6e-3, 1.5e-3, 2.4e-3, 0.5e-3)
     assert sum(gaps.values()) == pytest.approx(4.1e-3 - (1.5e-3 + 0.5e-3))
     assert tp.largest_miss(gaps) == "comm" and gaps["rest"] == pytest.approx(0.1e-3)
+
+
+# --- Notebook 02 and 03's figures (issue 19): one colour per entity, readable ticks, keys off the
+# data
+
+
+def _layers_frame():
+    rows = []
+    for degree in (1, 2):
+        for batch in (1, 16):
+            t = 1e-3 * batch / degree
+            parts = {"total": t, "comm": 2e-4 * (degree > 1), "skew": 5e-5 * (degree > 1)}
+            row = {"tp": degree, "hidden": 512, "batch": batch}
+            for part, s in parts.items():
+                row |= {f"{part}_s": s, f"{part}_q1_s": s * 0.9, f"{part}_q3_s": s * 1.1}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_tp_compute_vs_comm_colours_the_all_reduce_as_every_figure_does():
+    layers = _layers_frame()
+    predicted = layers[layers.tp == 1].set_index(["hidden", "batch"]).total_s * 1e3 / 2
+    fig = plots.tp_compute_vs_comm(layers, predicted, 2, "gloo")
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if hasattr(c, "patches")]  # not the error bars
+    colour = {c.get_label(): mcolors.to_hex(c.patches[0].get_facecolor()) for c in bars}
+    want = {
+        "TP 1 total": plots.style("tp", "TP 1"),
+        "TP 2 total": plots.style("tp", "TP 2"),
+        "TP 2: its all-reduce": plots.style("collective", "all-reduce"),
+        "TP 2: skew": plots.style("collective", "skew"),
+    }
+    for label, look in want.items():
+        assert colour[label] == mcolors.to_hex(look["color"]), label
+    assert ax.get_legend() is None and fig.legends  # the key is the figure's, below the panels
+
+
+def test_tp_planner_puts_its_key_outside_both_panels():
+    scaling = pd.DataFrame(
+        [
+            {"α": name, "tp": t, "tpot_ms": 10 / t + a, "tokens_per_s_per_gpu": 1000 / t}
+            for name, a in (("gpt-fast-class: α = 4 µs", 0.1), ("a PCIe box (assumed)", 1.0))
+            for t in (1, 2, 4, 8)
+        ]
+    )
+    fig = plots.tp_planner(scaling, [1, 2, 4, 8])
+    assert all(ax.get_legend() is None for ax in fig.axes) and fig.legends
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["1", "2", "4", "8"]
+    lines = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
+    assert lines["a PCIe box (assumed)"] == plots.style("engine", "pcie box")["color"]
+
+
+def test_kv_cache_growth_labels_only_the_contexts():
+    contexts = [256, 512, 1024, 2048, 4096, 8192]
+    curves = pd.DataFrame(
+        {
+            f"{k}, batch {b}": [c * b * (3 if k == "MHA" else 1) / 1e6 for c in contexts]
+            for b in (1, 8)
+            for k in ("GQA", "MHA")
+        },
+        index=pd.Index(contexts, name="context (tokens)"),
+    )
+    fig = plots.kv_cache_growth(curves, 0.5, "title")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert shown == [f"{c:,}" for c in contexts]
+    assert not [t for t in ax.get_xminorticklabels() if t.get_text()]  # no "3×10³4×10³"
+    gqa, mha = (line for line in ax.get_lines() if line.get_label().endswith("batch 8"))
+    assert gqa.get_color() == mha.get_color() and gqa.get_linestyle() != mha.get_linestyle()
