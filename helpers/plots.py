@@ -26,11 +26,12 @@ _CB = sns.color_palette("colorblind", 10)
 STYLES: dict[str, dict[str, dict]] = {
     "precision": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
         [("fp32", "o"), ("bf16", "s"), ("fp16", "^"), ("int8", "D"), ("int4", "v"),
-         ("fp8", "P"), ("nf4", "X"), ("int3", "<")])},
+         ("fp8", "P"), ("nf4", "X"), ("int3", "<"), ("fp8-w8a8", "*")])},
     "policy": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
         [("static", "s"), ("continuous", "o"), ("chunked", "^"), ("reservation", "D")])},
     "engine": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
-        [("course", "o"), ("vllm", "s"), ("gpt-fast", "^"), ("production", "D")])},
+        [("course", "o"), ("vllm", "s"), ("gpt-fast", "^"), ("production", "D"),
+         ("eager", "v"), ("compiled", "P")])},
     "tp": {f"TP {t}": {"color": _CB[i], "marker": m} for i, (t, m) in enumerate(
         [(1, "o"), (2, "s"), (4, "^"), (8, "D"), (16, "v")])},
     "collective": {"compute": {"color": _CB[0], "marker": "o"},
@@ -225,9 +226,31 @@ def batch_sweep(runs, critical_batch: float) -> plt.Figure:
     for ax in axes:
         ax.axvline(critical_batch, color="grey", ls="--", label="predicted critical batch")
         ax.set(xscale="log", xlabel="batch")
-        ax.legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
     axes[0].set(ylabel="ms per output token (TPOT)", title="latency per step")
     axes[1].set(ylabel="tokens/s (generated ÷ latency)", yscale="log", title="throughput")
+    return fig
+
+
+def policy_panels(
+    data, panels: dict[str, str], title: str, capacity: float | None = None, log: tuple = ()
+) -> plt.Figure:
+    """Notebook 05's sweeps: one panel per column of `data` named in `panels` (its title),
+    against the offered load `rate`, one line per `engine` in its policy's colour and marker
+    (the same in every panel), the `capacity` dashed; panels in `log` on a log y axis; the
+    figure's title above the panels' titles and one key outside them, on the right."""
+    size = (3.6 * len(panels) + 1.5, 3.6)
+    fig, axes = plt.subplots(1, len(panels), figsize=size, layout="constrained", squeeze=False)
+    for ax, (key, panel_title) in zip(axes[0], panels.items(), strict=True):
+        for engine, g in data.groupby("engine", sort=False):
+            ax.plot(g.rate, g[key], label=engine, **style("policy", engine))
+        if capacity is not None:
+            ax.axvline(capacity, color="grey", ls="--", label="capacity")
+        ax.set(xlabel="offered load (requests/s)", title=panel_title)
+        if key in log:
+            ax.set_yscale("log")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.suptitle(title)
     return fig
 
 
@@ -236,7 +259,8 @@ def frontier(points, front, knobs: list[str], ax: plt.Axes | None = None) -> plt
     Pareto frontier `front` (a subset of `points`) drawn through its points and labelled."""
     ax = ax or plt.subplots()[1]
     for value, g in points.groupby(knobs[0]):
-        ax.scatter(g.latency_s, g.tokens_per_s, alpha=0.5, label=f"{knobs[0]} {value}")
+        look = style(knobs[0], value) if knobs[0] in STYLES else {}
+        ax.scatter(g.latency_s, g.tokens_per_s, alpha=0.6, label=f"{knobs[0]} {value}", **look)
     front = front.sort_values("latency_s")
     ax.plot(front.latency_s, front.tokens_per_s, "-", color="black", lw=1, label="frontier")
     for r in front.itertuples():
@@ -245,7 +269,7 @@ def frontier(points, front, knobs: list[str], ax: plt.Axes | None = None) -> plt
                     textcoords="offset points")  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="end-to-end latency of a request (s)",
            ylabel="tokens/s (generated ÷ latency)")  # fmt: skip
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
     return ax
 
 
@@ -253,14 +277,14 @@ def sla(table, best, budget_ms: float, ax: plt.Axes | None = None) -> plt.Axes:
     """The planner's candidates (TPOT against tokens/s, by precision), the budget, the best."""
     ax = ax or plt.subplots(figsize=(7.5, 4))[1]
     for name, g in table[table.fits].groupby("dtype"):
-        ax.scatter(g.tpot_ms, g.tokens_per_s, s=10, label=name)
+        ax.scatter(g.tpot_ms, g.tokens_per_s, s=12, label=name, **style("precision", name))
     ax.axvline(budget_ms, color="red", ls="--", label="budget")
     if best is not None:
         label = f"best: {best.dtype}, TP {best.tp} × {best.replicas}, batch {best.batch}"
         ax.scatter([best.tpot_ms], [best.tokens_per_s], s=150, marker="*", color="black",
                    label=label)  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="TPOT (ms)", ylabel="tokens/s on all GPUs")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
     return ax
 
 

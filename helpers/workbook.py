@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from helpers import deploy, planner, shapes
+from helpers import deploy, planner, serving, shapes
 from helpers.exercises import answer, derive, exercise, investigate, predict
 
 __all__ = ["answer", "derive", "investigate", "predict"]
@@ -303,7 +303,205 @@ def _tpot_stops(result, gpu, workload, weight_bytes):
 # --- 04 · latency vs throughput -------------------------------------------------------
 
 
+@exercise(
+    "04.tpot-between",
+    "predict",
+    "TPOT at a batch the sweep skipped (ms per output token)",
+    rtol=0.25,
+    tolerance_why="±25 %, the accuracy the course asks of its planner, or the run's own spread "
+    "when that is wider",
+    hint="read the sweep's TPOT at the batches on either side and interpolate (on a log batch "
+    "axis); past the knee the step grows with the rows, before it the weight reads set it",
+    unit="ms",
+)
+def _tpot_between_ms(measured):
+    return measured
+
+
+_STEP_ARGS = ("params", "bytes_per_param", "batch", "bandwidth", "peak_flops", "overhead_s")
+
+
+@exercise(
+    "04.step-time",
+    "derive",
+    "decode_step_s(params, bytes_per_param, batch, bandwidth, peak_flops, overhead_s): one "
+    "decode step on the roofline",
+    rtol=1e-6,
+    tolerance_why="a formula: exact",
+    hint="a step reads every weight once (bytes ÷ bandwidth) and does 2 FLOPs per weight per "
+    "sequence (FLOPs ÷ peak); on a roofline the two overlap, so the step takes the larger of "
+    "them, plus the fixed overhead",
+    cases=tuple(
+        dict(zip(_STEP_ARGS, case, strict=True))
+        for case in (
+            (7e9, 2, 1, 3.35e12, 989e12, 2e-3),  # Llama-2-7B on an H100: bandwidth-bound
+            (7e9, 2, 512, 3.35e12, 989e12, 2e-3),  # past the ridge: compute-bound
+            (135e6, 4, 8, 20e9, 250e9, 5e-3),  # SmolLM2 on a 2-core CPU
+            (8e9, 1, 64, 300e9, 65e12, 0.0),  # int8 weights on a T4
+        )
+    ),
+)
+def _decode_step_s(params, bytes_per_param, batch, bandwidth, peak_flops, overhead_s):
+    return max(params * bytes_per_param / bandwidth, 2 * params * batch / peak_flops) + overhead_s
+
+
+@exercise(
+    "04.knee",
+    "investigate",
+    "the knee of a batch sweep you ran with another precision or another batch grid",
+)
+def _knee(result, notebook_dtype, notebook_batches, notebook_tpot_s):
+    """result: {"dtype": name, "batches": [...], "tpot_s": [...], "knee": batch or None};
+    `notebook_tpot_s`: the notebook's measured TPOT by batch ({batch: seconds})."""
+    batches, tpots = list(result.get("batches", [])), list(result.get("tpot_s", []))
+    if len(batches) != len(tpots) or len(batches) < 4:
+        return "measure at least four batch sizes, one TPOT (seconds) per batch"
+    if batches != sorted(set(batches)) or batches[-1] < 8 * batches[0]:
+        return "give the batches in increasing order, spanning a factor of 8 or more"
+    if result.get("dtype") == notebook_dtype and batches == list(notebook_batches):
+        return "that is the notebook's own sweep: change the precision or the batch grid"
+    knee = next((b for b, t in zip(batches, tpots, strict=True) if t > 1.5 * tpots[0]), None)
+    if result.get("knee") != knee:
+        return (
+            "knee should be the first of your batches whose TPOT passes 1.5× your smallest "
+            "batch's (None if none does), by the notebook's rule"
+        )
+    same = result.get("dtype") == notebook_dtype and batches[0] in notebook_tpot_s
+    if same and not 1 / 3 <= tpots[0] / notebook_tpot_s[batches[0]] <= 3:
+        return (
+            "your smallest batch's TPOT is far from the notebook's at the same batch and "
+            "precision: were the cores busy, or was the first step (warm-up) timed?"
+        )
+    return ""
+
+
+@exercise(
+    "04.h100-tpot",
+    "compute",
+    "Llama-3-8B fp16 on one H100 at batch 16, prompt 512, 128 new tokens (ms per output token)",
+    rtol=0.02,
+    tolerance_why="the planner's arithmetic written out: only rounding differs",
+    hint="bytes: every weight but the input embedding (2 bytes each) plus the KV cache at the "
+    "average context, ÷ the bandwidth × the engine's memory efficiency; FLOPs: 2 per weight "
+    "per sequence plus attention, ÷ the peak; add them (the planner does not overlap them) and "
+    "the engine's overhead for every layer, in ms",
+    unit="ms",
+)
+def _h100_tpot_ms(model, gpu, dtype, batch, prompt_tokens, new_tokens):
+    shape = dict(batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    return planner.predict(model=model, gpu=gpu, dtype=dtype, tp=1, **shape).tpot_s * 1e3
+
+
 # --- 05 · serving under load ----------------------------------------------------------
+
+
+@exercise(
+    "05.blocks-held",
+    "derive",
+    "blocks_held(prompt, new_tokens, block_size): KV blocks a request holds when it finishes",
+    rtol=1e-9,
+    tolerance_why="a whole number: exact",
+    hint="every token but the last generated one is fed back and needs a slot; round the slots "
+    "up to whole blocks",
+    cases=(
+        dict(prompt=100, new_tokens=20, block_size=16),
+        dict(prompt=16, new_tokens=1, block_size=16),
+        dict(prompt=16, new_tokens=2, block_size=16),
+        dict(prompt=1, new_tokens=1, block_size=1),
+        dict(prompt=500, new_tokens=300, block_size=64),
+    ),
+)
+def _blocks_held(prompt, new_tokens, block_size):
+    return -(-(prompt + new_tokens - 1) // block_size)
+
+
+@exercise(
+    "05.throughput-below-capacity",
+    "predict",
+    "generated tokens/s of continuous batching at half its capacity (virtual clock)",
+    rtol=0.1,
+    tolerance_why="±10 %: a finite trace's mean answer differs from the sample's by a few %, and "
+    "the run's last requests drain after the arrivals stop",
+    hint="below capacity every request is served, so the engine's speed does not set the "
+    "throughput: the arrivals do, times what each request generates on average (tokens/s)",
+    unit="tokens/s",
+)
+def _throughput_below_capacity(measured):
+    return measured
+
+
+@exercise(
+    "05.goodput",
+    "derive",
+    "goodput(ttft_s, tpot_s, ttft_slo_s, tpot_slo_s, duration_s): vLLM bench's goodput",
+    rtol=1e-9,
+    tolerance_why="a count over a duration: exact",
+    hint="count the requests that met both targets (≤ each), then divide by the run's duration "
+    "in seconds: requests per second, not a share",
+    cases=(
+        dict(
+            ttft_s=[0.1, 0.5, 2.0],
+            tpot_s=[0.02, 0.02, 0.02],
+            ttft_slo_s=1.0,
+            tpot_slo_s=0.05,
+            duration_s=4.0,
+        ),
+        dict(
+            ttft_s=[0.1, 0.2, 0.3, 0.4],
+            tpot_s=[0.01, 0.09, 0.01, 0.01],
+            ttft_slo_s=0.35,
+            tpot_slo_s=0.05,
+            duration_s=2.0,
+        ),
+        dict(
+            ttft_s=[1.0, 1.0], tpot_s=[0.05, 0.05], ttft_slo_s=1.0, tpot_slo_s=0.05, duration_s=10.0
+        ),  # exactly at the targets: met
+        dict(ttft_s=[3.0], tpot_s=[0.2], ttft_slo_s=1.0, tpot_slo_s=0.05, duration_s=1.0),
+    ),
+)
+def _goodput(ttft_s, tpot_s, ttft_slo_s, tpot_slo_s, duration_s):
+    met = sum(a <= ttft_slo_s and b <= tpot_slo_s for a, b in zip(ttft_s, tpot_s, strict=True))
+    return met / duration_s
+
+
+def _trend(values) -> int:
+    """+1 if the values only grow (ties allowed, some growth), −1 if they only fall, else 0."""
+    steps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    if all(s >= 0 for s in steps) and any(s > 0 for s in steps):
+        return 1
+    if all(s <= 0 for s in steps) and any(s < 0 for s in steps):
+        return -1
+    return 0
+
+
+@exercise(
+    "05.chunk-size",
+    "investigate",
+    "how the prefill chunk sets the worst gap a long prompt causes (virtual clock)",
+)
+def _chunk_size(result, requests, clock, max_batch):
+    """result: {"chunks": [...], "worst_gap_s": [...], "long_ttft_s": [...],
+    "gap_grows_with_chunk": bool, "ttft_falls_with_chunk": bool}: the notebook's `requests`
+    (short ones, then the long prompt) served on the virtual `clock` with each chunk."""
+    chunks = list(result.get("chunks", []))
+    gaps, ttfts = list(result.get("worst_gap_s", [])), list(result.get("long_ttft_s", []))
+    if len(set(chunks)) < 3 or not len(chunks) == len(gaps) == len(ttfts):
+        return "try at least three chunk sizes, with one worst gap and one TTFT for each"
+    if any(not isinstance(c, int) or c < 1 for c in chunks) or chunks != sorted(chunks):
+        return "give whole chunk sizes in increasing order (leave out None: it is the prompt)"
+    for chunk, gap, ttft in zip(chunks, gaps, ttfts, strict=True):
+        df = serving.run(None, requests, max_batch=max_batch, prefill_chunk=chunk, clock=clock)
+        want_gap, want_ttft = df.max_itl_s.iloc[:-1].max(), df.ttft_s.iloc[-1]
+        if abs(gap - want_gap) > 0.02 * want_gap or abs(ttft - want_ttft) > 0.02 * want_ttft:
+            return (
+                f"your numbers for chunk {chunk} are not what the engine gives: the others' "
+                "worst gap is the max of their max_itl_s, the TTFT the long request's ttft_s"
+            )
+    if result.get("gap_grows_with_chunk") != (_trend(gaps) > 0):
+        return "look again at how the worst gap moves as the chunk grows, in your own numbers"
+    if result.get("ttft_falls_with_chunk") != (_trend(ttfts) < 0):
+        return "look again at how the long prompt's TTFT moves as the chunk grows"
+    return ""
 
 
 # --- 06 · a real server ---------------------------------------------------------------

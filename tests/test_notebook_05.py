@@ -50,3 +50,29 @@ def test_the_notebooks_step_preempts_and_never_admits_in_that_step():
 def test_a_bad_step_function_is_refused():
     with pytest.raises(TypeError, match="step must be None or a function"):
         serving.run(None, requests(), clock=linear_steps, step="mine")
+
+
+def test_the_sweep_figure_gives_each_policy_one_colour_and_its_title_clears_the_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.colors as mcolors
+
+    from helpers import plots
+
+    sweep = pd.DataFrame(
+        [{"engine": e, "rate": r, "a": r * k, "b": 1 / r}
+         for k, e in enumerate(["static", "continuous", "chunked"], 1) for r in (1, 2, 4)]
+    )  # fmt: skip
+    fig = plots.policy_panels(sweep, {"a": "A p99 (s)", "b": "B (s)"}, "a long title", log=("a",))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_label() in ("static", "continuous", "chunked"):
+                want = plots.style("policy", line.get_label())["color"]
+                assert mcolors.to_hex(line.get_color()) == mcolors.to_hex(want)
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes:
+        assert not title.overlaps(ax.title.get_window_extent(renderer))
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[1].get_yscale() == "linear"
