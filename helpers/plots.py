@@ -30,8 +30,7 @@ STYLES: dict[str, dict[str, dict]] = {
     "policy": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
         [("static", "s"), ("continuous", "o"), ("chunked", "^"), ("reservation", "D")])},
     "engine": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
-        [("course", "o"), ("vllm", "s"), ("gpt-fast", "^"), ("production", "D"),
-         ("eager", "v"), ("compiled", "P")])},
+        [("course", "o"), ("vllm", "s"), ("gpt-fast", "^"), ("production", "D")])},
     "tp": {f"TP {t}": {"color": _CB[i], "marker": m} for i, (t, m) in enumerate(
         [(1, "o"), (2, "s"), (4, "^"), (8, "D"), (16, "v")])},
     "collective": {"compute": {"color": _CB[0], "marker": "o"},
@@ -40,6 +39,8 @@ STYLES: dict[str, dict[str, dict]] = {
 }  # fmt: skip
 STYLES["category"] = {c: {"color": _CB[i], "marker": "s"} for i, c in enumerate(CATEGORIES)}
 STYLES["engine"]["pcie box"] = {"color": _CB[4], "marker": "v"}  # an α assumed for PCIe
+STYLES["engine"]["eager"] = {"color": _CB[5], "marker": "v"}  # the planner's engines
+STYLES["engine"]["compiled"] = {"color": _CB[9], "marker": "P"}
 
 
 def style(family: str, name: str) -> dict:
