@@ -119,8 +119,10 @@ class QuantizedKVCache:
             self.keys[i].index_copy_(2, positions, k.to(self.dtype))
             self.values[i].index_copy_(2, positions, v.to(self.dtype))
             return
-        for x, data, scales in ((k, self.keys, self.key_scales), (v, self.values,
-                                                                  self.value_scales)):  # fmt: skip
+        for x, data, scales in (
+            (k, self.keys, self.key_scales),
+            (v, self.values, self.value_scales),
+        ):
             q, scale = quantize_kv(x, self.kv_dtype)
             # as bytes: index_copy_ has no float8 kernel on CPU, and a byte copy is the same
             data[i].view(torch.uint8).index_copy_(2, positions, q.view(torch.uint8))
@@ -147,8 +149,9 @@ def forward(model, input_ids, cache: QuantizedKVCache, start: int, all_logits: b
     def attend(i, q, k, v, scale):
         cache.store(i, positions, k, v)
         keys, values = cache.read(i, end)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale,
-                                              enable_gqa=True)  # fmt: skip
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True
+        )
 
     hidden = decode.layers(model, hidden, cos, sin, cache.head_dim, attend)
     return model.lm_head(body.norm(hidden if all_logits else hidden[:, -1:]))
@@ -164,8 +167,9 @@ def decode_one_token(model, token, cache: QuantizedKVCache, pos: torch.Tensor):
     def attend(i, q, k, v, scale):
         cache.store(i, pos, k, v)
         keys, values = cache.read(i)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale,
-                                              enable_gqa=True)  # fmt: skip
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True
+        )
 
     hidden = decode.layers(model, hidden, cos, sin, cache.head_dim, attend)
     return model.lm_head(body.norm(hidden))[:, -1].argmax(-1, keepdim=True)

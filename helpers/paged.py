@@ -216,7 +216,7 @@ def _attention_plan(cache: PagedKVCache, feeds: list[Feed]) -> dict[str, torch.T
     plan = {
         "write": torch.cat(
             [cache.slots(f.table, range(f.start, f.start + len(f.tokens))) for f in feeds]
-        ),  # fmt: skip
+        ),
         "read": kv_slots,
         "q_rows": q_rows,
         "visible": torch.arange(max_kv).view(1, 1, -1) <= query_pos.unsqueeze(-1),
@@ -245,9 +245,13 @@ def forward(model, cache: PagedKVCache, feeds: list[Feed]) -> list[int]:
         keys, values = cache.read(layer, plan["read"])  # (B, max_kv, kv_heads, head_dim)
         queries = q[0][:, plan["q_rows"]].transpose(0, 1)  # (B, heads, max_q, head_dim)
         out = F.scaled_dot_product_attention(
-            queries, keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=plan["visible"].unsqueeze(1), scale=scale, enable_gqa=True,
-        )  # fmt: skip
+            queries,
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=plan["visible"].unsqueeze(1),
+            scale=scale,
+            enable_gqa=True,
+        )
         return out[plan["flat_b"], :, plan["flat_i"]].transpose(0, 1).unsqueeze(0)
 
     body = model.model

@@ -256,8 +256,10 @@ class ServingEngine:
         finishing = [s.cached + n == len(s.tokens) for s, n in work]
         if self.model is None:
             return [0] * sum(finishing)
-        feeds = [Feed(s.tokens[s.cached : s.cached + n], s.cached, s.table, last)
-                 for (s, n), last in zip(work, finishing, strict=True)]  # fmt: skip
+        feeds = [
+            Feed(s.tokens[s.cached : s.cached + n], s.cached, s.table, last)
+            for (s, n), last in zip(work, finishing, strict=True)
+        ]
         tokens = paged.forward(self.model, self.cache, feeds)
         synchronize(self.cache.device)
         return tokens
@@ -305,8 +307,13 @@ def step_shape(work: list[tuple[Seq, int]]) -> Step:
     """What a planned step carries, for a step-time model."""
     decode = sum(1 for s, n in work if _is_decode(s, n))
     tokens = sum(n for _, n in work)
-    return Step(seqs=len(work), tokens=tokens, context=sum(s.cached + n for s, n in work),
-                prefill_tokens=tokens - decode, decode_seqs=decode)  # fmt: skip
+    return Step(
+        seqs=len(work),
+        tokens=tokens,
+        context=sum(s.cached + n for s, n in work),
+        prefill_tokens=tokens - decode,
+        decode_seqs=decode,
+    )
 
 
 def _clock_seconds(clock, shape: Step, engine: ServingEngine) -> float:
@@ -417,8 +424,9 @@ def _too_big(seqs: list[Seq], block_size: int, kv_blocks: int) -> dict[int, str]
                 "raise kv_blocks or shorten the request"
             )
     if errors:
-        warnings.warn(f"{len(errors)} request(s) rejected: {next(iter(errors.values()))}",
-                      stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{len(errors)} request(s) rejected: {next(iter(errors.values()))}", stacklevel=3
+        )
     return errors
 
 
@@ -456,7 +464,12 @@ def _results(seqs, errors, engine, simulated) -> pd.DataFrame:
     df["queue_s"] = df.admitted_s - df.arrival_s
     df.attrs["steps"] = pd.DataFrame(engine.steps)
     a = engine.alloc
-    df.attrs["blocks"] = {"total": a.num_blocks, "allocated": a.allocated, "freed": a.freed,
-                          "peak_in_use": a.peak, "block_size": engine.block_size,
-                          "kv_dtype": engine.kv_dtype}  # fmt: skip
+    df.attrs["blocks"] = {
+        "total": a.num_blocks,
+        "allocated": a.allocated,
+        "freed": a.freed,
+        "peak_in_use": a.peak,
+        "block_size": engine.block_size,
+        "kv_dtype": engine.kv_dtype,
+    }
     return df

@@ -27,8 +27,10 @@ from helpers import checks
 def _served(df, what: str) -> pd.DataFrame:
     """The served rows of `run`'s result; a run that served nothing says so instead of NaN."""
     if not isinstance(df, pd.DataFrame) or not {"error", "finish_s"} <= set(df.columns):
-        raise TypeError(f"df must be the table serving.run returns (one row per request) for "
-                        f"{what}, got {type(df).__name__}")  # fmt: skip
+        raise TypeError(
+            f"df must be the table serving.run returns (one row per request) for "
+            f"{what}, got {type(df).__name__}"
+        )
     ok = df[df.error == ""]
     if ok.empty:
         first = next((e for e in df.error if e), "")
@@ -93,8 +95,13 @@ def summary(df: pd.DataFrame, percentiles=(50, 90, 99)) -> dict:
     ok = _served(df, "summary")
     percentiles = _check_percentiles(percentiles)
     span = ok.finish_s.max() - ok.arrival_s.min()
-    metrics = {"ttft": ok.ttft_s, "tpot": ok.tpot_s, "itl": inter_token_latencies(df),
-               "max_itl": ok.max_itl_s, "latency": ok.latency_s}  # fmt: skip
+    metrics = {
+        "ttft": ok.ttft_s,
+        "tpot": ok.tpot_s,
+        "itl": inter_token_latencies(df),
+        "max_itl": ok.max_itl_s,
+        "latency": ok.latency_s,
+    }
     out = {f"{m}_p{p}_s": _percentile(v, p) for m, v in metrics.items() for p in percentiles}
     out["tokens_per_s"] = float(ok.output_tokens.sum() / span)
     out["requests_per_s"] = len(ok) / span
@@ -145,8 +152,12 @@ def littles_law(df: pd.DataFrame) -> dict:
     span = ok.finish_s.max() - ok.arrival_s.min()
     in_system = float((steps.in_system * steps.step_s).sum() / span)
     rate = len(ok) / span
-    return {"L": in_system, "lambda": rate, "W_s": float(ok.latency_s.mean()),
-            "lambda_W": rate * float(ok.latency_s.mean())}  # fmt: skip
+    return {
+        "L": in_system,
+        "lambda": rate,
+        "W_s": float(ok.latency_s.mean()),
+        "lambda_W": rate * float(ok.latency_s.mean()),
+    }
 
 
 def kv_usage(df: pd.DataFrame, max_len: int | None = None) -> dict:
@@ -161,8 +172,10 @@ def kv_usage(df: pd.DataFrame, max_len: int | None = None) -> dict:
         max_len = checks.whole("max_len", max_len)
     w = steps.step_s / steps.step_s.sum()
     stored = float((steps.kv_tokens * w).sum())
-    held = {"paged": float((steps.blocks_in_use * size * w).sum()),
-            "contiguous, prompt + max_new": float((steps.reserved_tokens * w).sum())}  # fmt: skip
+    held = {
+        "paged": float((steps.blocks_in_use * size * w).sum()),
+        "contiguous, prompt + max_new": float((steps.reserved_tokens * w).sum()),
+    }
     if max_len is not None:
         held[f"contiguous, max length {max_len}"] = float(
             (steps.running * float(max_len) * w).sum()

@@ -80,8 +80,12 @@ class StepModel:
         return float(_hinges([tokens], self.knots)[0] @ np.asarray(self.per_token))
 
     def __call__(self, step: Step) -> float:
-        return (self.fixed + self.per_seq * step.seqs + self.per_context * step.context
-                + self.token_seconds(step.tokens))  # fmt: skip
+        return (
+            self.fixed
+            + self.per_seq * step.seqs
+            + self.per_context * step.context
+            + self.token_seconds(step.tokens)
+        )
 
 
 def _check_log(steps) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +130,10 @@ def fit_step_time(steps: pd.DataFrame, knots: Sequence[int] = DEFAULT_KNOTS) -> 
     knots = tuple(k for k in knots if k < data[:, 1].max()) or (0,)
     x = np.column_stack([np.ones(len(y)), data[:, 0], data[:, 2], _hinges(data[:, 1], knots)])
     if np.linalg.matrix_rank(x) < x.shape[1]:
-        raise ValueError("the step log does not vary seqs, tokens and context enough to fit: "
-                         "measure steps with several batch sizes and prompt lengths")  # fmt: skip
+        raise ValueError(
+            "the step log does not vary seqs, tokens and context enough to fit: "
+            "measure steps with several batch sizes and prompt lengths"
+        )
     coef = _nonnegative_fit(x, y)
     for _ in range(20):  # least relative *absolute* deviation first (IRLS): a burst can't pull it
         weight = np.sqrt(1 / np.maximum(np.abs(x @ coef / y - 1), 1e-6)) / y
@@ -162,13 +168,15 @@ def capacity(
     if prompts.size == 0 or prompts.shape != outputs.shape:
         raise ValueError("prompts and outputs must be equal-length lists of token counts")
     chunk = int(prefill_chunk) if prefill_chunk else None
-    pieces = [[p] if chunk is None else [min(chunk, p - i) for i in range(0, p, chunk)]
-              for p in prompts]  # fmt: skip
+    pieces = [
+        [p] if chunk is None else [min(chunk, p - i) for i in range(0, p, chunk)] for p in prompts
+    ]
     seats = outputs.mean() + np.mean([len(c) - 1 for c in pieces])
     pool = np.array([x for c in pieces for x in c])
     rng = np.random.default_rng(0)
-    counts = np.minimum(rng.poisson(batch * np.mean([len(c) for c in pieces]) / seats, samples),
-                        batch)  # fmt: skip
+    counts = np.minimum(
+        rng.poisson(batch * np.mean([len(c) for c in pieces]) / seats, samples), batch
+    )
     context = batch * (prompts.mean() + (outputs**2).mean() / (2 * outputs.mean()))
     total = 0.0
     for k in counts:
@@ -209,7 +217,10 @@ def planner_step_time(model, gpu, dtype: str = "bf16", tp: int = 1) -> Callable[
     pass_s = planner.step_seconds_function(model=model, gpu=gpu, dtype=dtype, tp=tp)  # checked once
 
     def seconds(step: Step) -> float:
-        return pass_s(step.seqs, max(1, round(step.tokens / step.seqs)),
-                      max(1, round(step.context / step.seqs)))  # fmt: skip
+        return pass_s(
+            step.seqs,
+            max(1, round(step.tokens / step.seqs)),
+            max(1, round(step.context / step.seqs)),
+        )
 
     return seconds

@@ -43,9 +43,15 @@ def published_lengths(trace: str = "azure-conv-2023") -> pd.DataFrame:
 
 
 def poisson_trace(
-    rate: float, n: int, seed: int = 0, trace: str = "azure-conv-2023", scale: float = 1.0,
-    vocab: int = 49152, max_prompt: int | None = None, max_output: int | None = None,
-) -> list[Request]:  # fmt: skip
+    rate: float,
+    n: int,
+    seed: int = 0,
+    trace: str = "azure-conv-2023",
+    scale: float = 1.0,
+    vocab: int = 49152,
+    max_prompt: int | None = None,
+    max_output: int | None = None,
+) -> list[Request]:
     """`n` requests arriving as a Poisson process of `rate` per second; prompt and answer
     lengths drawn independently from the published trace's percentiles (inverse CDF, linear
     between them), multiplied by `scale` (≥ 1 token) and capped. Each request's answer length
@@ -79,8 +85,9 @@ def poisson_trace(
     ]
 
 
-def check_requests(requests, context_limit: int | None, vocab: int | None = None,
-                    live: bool = False) -> list[Request]:  # fmt: skip
+def check_requests(
+    requests, context_limit: int | None, vocab: int | None = None, live: bool = False
+) -> list[Request]:
     if isinstance(requests, Request):
         raise TypeError("requests is one serving.Request: pass a list of them, e.g. [request]")
     if isinstance(requests, str | bytes | dict) or not hasattr(requests, "__iter__"):
