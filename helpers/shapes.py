@@ -289,3 +289,10 @@ def shape_from_config_file(path) -> Shape:
     if not path.is_file():
         raise FileNotFoundError(f"no config.json at {path}: give a model directory or its file")
     return Shape.of(json.loads(path.read_text()))
+
+# meta-llama/Llama-3.1-405B: too big for one node of 8 × 80 GB in 16 bits (notebook 06's
+# multi-node deployment).
+ARCHITECTURES["llama-3.1-405b"] = dict(
+    hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+    num_attention_heads=128, num_key_value_heads=8, vocab_size=128256,
+)  # fmt: skip
