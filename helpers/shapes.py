@@ -290,6 +290,7 @@ def shape_from_config_file(path) -> Shape:
         raise FileNotFoundError(f"no config.json at {path}: give a model directory or its file")
     return Shape.of(json.loads(path.read_text()))
 
+
 # meta-llama/Llama-3.1-405B: too big for one node of 8 × 80 GB in 16 bits (notebook 06's
 # multi-node deployment).
 ARCHITECTURES["llama-3.1-405b"] = dict(
