@@ -2,9 +2,12 @@
 
 A GPU is always modelled together with the software that runs it. What that software adds to
 every forward pass — a fixed cost per layer, the fixed latency α of an all-reduce, the extra work
-of widening quantized weights — is an `OverheadPreset`. The three presets (`eager`, `compiled`,
-`production`) are derived in the open from cited measurements (`data/published_results.csv`, rows
-whose `role` is `calibration`), one function per derivation, each row worded the same way:
+of widening quantized weights, a serving engine's host work per step (API server, scheduler,
+detokenizer) — is an `OverheadPreset`. The presets (`eager`, `compiled`, `production`, and the
+serving engines `vllm-0.5` and `vllm`, which add a per-step host cost to production's kernels) are
+derived in the open from cited measurements (`data/published_results.csv` and
+`data/published_serving_runs.csv`, rows whose `role` is `calibration`), one function per
+derivation, each row worded the same way:
 
     the published time − what first principles already explain, ÷ how many times it is paid
 
