@@ -19,7 +19,9 @@ the step is made of; they add up to it), and the limit that binds it (`StepTime.
 Bandwidth and FLOP/s come from datasheets (`data/published_hardware.csv`) or from this machine's
 measured ceilings; the overhead, α and the efficiency of the kernels are properties of the
 *engine* that runs the model, so a GPU is always modelled together with an `OverheadPreset`
-(`helpers.engines`: `eager`, `compiled`, `production`, each derived from cited measurements).
+(`helpers.engines`: `eager`, `compiled`, `production`, and the serving engines `vllm-0.5`
+and `vllm` with a per-step host cost, each derived from cited measurements); `deploy.serve`
+runs the serving scheduler on these steps.
 
 Precisions (`DTYPES`): fp32, fp16, bf16; the weight-only formats int8, int4 and fp8 (e4m3 weights
 widened to 16 bits, W8A16: any GPU in the table, as vLLM's FP8 Marlin kernels run it); and
