@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from helpers import checks
 from helpers.bench import Timing, measure, timed
-from helpers.device import as_device, streamed_size
+from helpers.device import as_device, last_level_cache, streamed_size
 from helpers.noise import quiet_native_stderr
 from helpers.shapes import format_bytes
 
@@ -531,19 +531,27 @@ def search_frontier(
             predicted = max((b for b in range(1, limit + 1) if need(b, ctx) <= budget), default=0)
             found = largest_fitting(lambda b, c=ctx: trial(b, c), limit=limit, guess=predicted or 1)
             best = (found.largest, ctx)
-            rows.append({
-                "context": ctx, "predicted": predicted, "found": found.largest,
-                "tries": len(found.tried),
-                "need_predicted": need(*best) if found.largest else float("nan"),
-                "need_measured": measured.get(best, float("nan")),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "context": ctx,
+                    "predicted": predicted,
+                    "found": found.largest,
+                    "tries": len(found.tried),
+                    "need_predicted": need(*best) if found.largest else float("nan"),
+                    "need_measured": measured.get(best, float("nan")),
+                }
+            )
     finally:
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-    limit = "a hard cap on this process (real out-of-memory errors)" if device.type == "cuda" else (
-        "a budget: this process's resident memory is not capped, so a trial fails when its "
-        "measured peak exceeds the budget"
-    )  # fmt: skip
+    limit = (
+        "a hard cap on this process (real out-of-memory errors)"
+        if device.type == "cuda"
+        else (
+            "a budget: this process's resident memory is not capped, so a trial fails when its "
+            "measured peak exceeds the budget"
+        )
+    )
     frame = pd.DataFrame(rows)
     frame.attrs["limit"] = limit
     return frame
@@ -625,23 +633,37 @@ def copy_beside_compute(device: torch.device | str, nbytes: int = 64 * 2**20, n:
     )
 
 
-def copy_sweep(device: torch.device | str = "cpu", repeats: int = 15) -> pd.DataFrame:
+def copy_sweep(
+    device: torch.device | str = "cpu", repeats: int = 15, most_bytes: int = 256 * 2**20
+) -> pd.DataFrame:
     """Copy bandwidth (read + write) against buffer size: ×4 steps from 256 KiB up to buffers
     that together pass twice the last-level cache (`device.streamed_size`), each buffer exactly
-    that size, so the small ones copy within a cache. Rows as `roofline.measure_copy`: size,
-    ceiling ("copy"), value (B/s, from the median) and low / high (from the quartiles)."""
+    that size, so the small ones copy within a cache — but never more than `most_bytes` for the
+    two together (a CPU with a 480 MiB L3 would otherwise take ~1 GiB: over Binder's memory);
+    `attrs["streamed"]` says whether the largest pair passed twice the last-level cache. Rows as
+    `roofline.measure_copy`: size, ceiling ("copy"), value (B/s, from the median) and low / high
+    (from the quartiles)."""
     device = as_device(device)
-    top = streamed_size(device, 64 * 2**20, buffers=2)[0]
+    top = min(streamed_size(device, 64 * 2**20, buffers=2)[0], most_bytes // 2)
     sizes = [n for n in (256 * 2**10 * 4**i for i in range(8)) if n < top] + [top]
     rows = []
     for nbytes in sizes:
         src = torch.ones(nbytes // 4, device=device)
         dst = torch.zeros_like(src)
         t = measure(lambda d=dst, s=src: d.copy_(s), repeats=repeats, device=device)
-        rows.append({"size": nbytes, "ceiling": "copy", "value": 2 * nbytes / t.median,
-                     "low": 2 * nbytes / t.q3, "high": 2 * nbytes / t.q1})  # fmt: skip
+        rows.append(
+            {
+                "size": nbytes,
+                "ceiling": "copy",
+                "value": 2 * nbytes / t.median,
+                "low": 2 * nbytes / t.q3,
+                "high": 2 * nbytes / t.q1,
+            }
+        )
         del src, dst
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["streamed"] = 2 * top >= 2 * last_level_cache(device)
+    return frame
 
 
 def bandwidth_at(transfers: pd.DataFrame, ceiling: str, size: int):
@@ -715,8 +737,10 @@ def live_at_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -
             peak, at_peak = total, dict(live)
     rows = pd.DataFrame(list(at_peak.values()), columns=["bytes", "op"])
     by_op = (
-        rows.groupby("op").bytes.agg(tensors="count", bytes="sum").reset_index()
+        rows.groupby("op")
+        .bytes.agg(tensors="count", bytes="sum")
+        .reset_index()
         .sort_values("bytes", ascending=False, ignore_index=True)
-    )  # fmt: skip
+    )
     ops = frozenset(e.name for e in events if e.tag == _EventType.TorchOp)
     return AllocationPeak(peak, by_op, ops)

@@ -55,9 +55,13 @@ def test_kv_formula_equals_real_cache_tensors(kv_heads):
     from helpers.models import llama_from_config
 
     model = llama_from_config(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=kv_heads, vocab_size=50,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=50,
+    )
     shape = shapes.Shape.of(model.config)
     cache = KVCache(model.config, batch=5, max_len=17, dtype=torch.bfloat16, device="cpu")
     assert cache.nbytes == shapes.kv_cache_bytes(shape, batch=5, context=17, bytes_per_value=2)
@@ -66,8 +70,9 @@ def test_kv_formula_equals_real_cache_tensors(kv_heads):
 
 def test_llama_2_7b_serving_memory():
     shape = shapes.Shape.of("llama-2-7b")
-    parts = shapes.serving_memory(shape, batch=1, context=4096, weight_bytes_per_param=2,
-                                  value_bytes=2)  # fmt: skip
+    parts = shapes.serving_memory(
+        shape, batch=1, context=4096, weight_bytes_per_param=2, value_bytes=2
+    )
     assert parts["weights"] == 6_738_415_616 * 2  # 13.48 GB in fp16
     assert parts["kv_cache"] == 2 * 32 * 4096 * 4096 * 2  # 2 GiB: 0.5 MiB per token
     assert parts["logits"] == 32000 * 2  # only the last position's scores, in fp16
@@ -273,8 +278,9 @@ def test_tensor_bytes_of_a_dtensor_is_its_local_shard(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
-                            world_size=1)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1
+    )
     try:
         mesh = init_device_mesh("cpu", (1,))
         sharded = distribute_tensor(torch.ones(8, 4), mesh, [Shard(0)])
@@ -341,3 +347,12 @@ def test_copy_sweep_reaches_past_the_last_level_cache():
     top = streamed_size("cpu", 64 * 2**20, buffers=2)[0]
     assert sweep["size"].iloc[-1] == top and (sweep.value > 0).all()
     assert set(sweep.ceiling) == {"copy"}
+
+
+def test_copy_sweep_stays_within_its_memory_on_a_huge_cache(monkeypatch):
+    huge = 480 * 2**20  # a 480 MiB L3: streaming past it would take ~1 GiB of buffers
+    monkeypatch.setattr(memory, "last_level_cache", lambda device=None: huge)
+    monkeypatch.setattr(memory, "streamed_size", lambda d, at_least, buffers: (huge, True))
+    sweep = memory.copy_sweep(repeats=1, most_bytes=4 * 2**20)
+    assert sweep["size"].max() == 2 * 2**20  # two buffers of 2 MiB: the cap, not the cache
+    assert sweep.attrs["streamed"] is False

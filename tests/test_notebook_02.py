@@ -118,9 +118,13 @@ def test_generate_scores_only_the_last_prompt_position(tiny_llama):
     try:
         ids = torch.randint(0, 97, (2, 7))
         tiny_llama.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
-            do_sample=False, pad_token_id=0,
-        )  # fmt: skip
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert rows == [1, 1, 1]  # prefill and each step: one position
         rows.clear()
         tiny_llama(ids)
