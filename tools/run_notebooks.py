@@ -56,8 +56,10 @@ SERVER_MARK = "COURSE_SERVER_PROCESS"
 
 
 def is_server(proc) -> bool:
+    """A server's process: marked, or below a marked one (vLLM renames its engine and worker
+    processes with setproctitle, which empties what /proc/PID/environ shows)."""
     try:
-        return proc.environ().get(SERVER_MARK) == "1"
+        return any(p.environ().get(SERVER_MARK) == "1" for p in [proc, *proc.parents()])
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, AttributeError):
         return False
 
