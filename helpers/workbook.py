@@ -144,9 +144,9 @@ def _weights_and_kv_max_batch(model, context, budget_bytes, weight_bytes, value_
     "predict",
     "the peak one request adds: batch 1 × 384 prompt tokens, 2 new tokens, every position's "
     "logits kept (MiB)",
-    rtol=0.15,
-    tolerance_why="±15 %: section 8 judges a request's peak within 10 %, and a smaller request "
-    "leaves more of it to the allocator's rounding; or the run's spread",
+    rtol=0.25,
+    tolerance_why="±25 %: the formulas count tensors, not the libraries' scratch, a fixed amount "
+    "that weighs more in this small request than in section 2's; or the run's spread",
     hint="its KV cache for prompt + new tokens, plus the larger of its widest moment inside a "
     "layer and after the last one; with every position's logits kept, which of the two is it, "
     "and how many bytes does one position's scores over the vocabulary take?",
@@ -163,7 +163,8 @@ def _request_peak_mib(measured):
 )
 def _int8_fits(result, notebook_context):
     """A result {"context": c, "float": frontier, "int8": frontier, "predicted_ratio": r}: two
-    `memory.search_frontier` frames at context c and the ratio predicted before they ran."""
+    `memory.search_frontier` frames at context c and the ratio predicted from the formulas
+    before they ran (the frames' `predicted` columns hold the formulas' batches)."""
     frames = [result.get(k) for k in ("float", "int8")]
     if any(f is None or not hasattr(f, "found") or len(f) != 1 for f in frames):
         return "give the two searches' frames (one context each) as 'float' and 'int8'"
@@ -172,19 +173,20 @@ def _int8_fits(result, notebook_context):
         return "both searches must run at your 'context'"
     if result["context"] == notebook_context:
         return f"section 4 already searched at {notebook_context} tokens: pick another context"
-    found_float, found_int8 = (int(f.found.iloc[0]) for f in frames)
-    if found_float < 1:
+    (float_found, int8_found), (float_formula, int8_formula) = (
+        [int(f[column].iloc[0]) for f in frames] for column in ("found", "predicted")
+    )
+    if float_found < 1 or float_formula < 1:
         return "not even one float request fits at this context: pick a shorter one"
-    if found_int8 < found_float:
+    if int8_found < float_found:
         return "the int8 cache fit fewer sequences than the float one: swapped frames?"
     predicted = result.get("predicted_ratio")
     if predicted is None or not predicted > 0:
         return "state your predicted ratio (int8 batch ÷ float batch) before the searches run"
-    found_ratio = found_int8 / found_float
-    if abs(predicted / found_ratio - 1) > 0.25:
-        way = "high" if predicted > found_ratio else "low"
+    if abs(predicted / (int8_formula / float_formula) - 1) > 0.1:
+        way = "high" if predicted > int8_formula / float_formula else "low"
         return (
-            f"your predicted ratio is too {way} (more than 25 % from the searches'): the cache "
+            f"your predicted ratio is too {way} (more than 10 % from the formulas'): the cache "
             "shrinks by the bytes per value (with its scales), the activations of the widest "
             "moment do not, and the batch grows by the ratio of whole requests"
         )
