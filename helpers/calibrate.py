@@ -74,6 +74,38 @@ def rtn(w: torch.Tensor, bits: int = 4, group_size: int = 64) -> torch.Tensor:
                                symmetric=False)  # fmt: skip
 
 
+def torchao_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 64) -> torch.Tensor:
+    """ŵ from torchao's affine quantization primitives (what its int4 weight-only configs build
+    on), asymmetric with `bits`-bit unsigned levels per group of `group_size` columns: a library's
+    round-to-nearest to check `rtn` against. torchao's range always includes 0 (min(w, 0) to
+    max(w, 0)), so the two agree on every group whose values span 0, not on one-signed groups."""
+    bits, group_size = check_bits(bits), check_group(group_size, w.shape[1])
+    try:
+        from torchao.quantization import quant_primitives as qp
+    except ImportError as err:
+        raise ImportError("torchao_rtn needs torchao: pip install torchao") from err
+    block, levels = (1, group_size), (0, 2**bits - 1)
+    w = w.float()
+    scale, zero = qp.choose_qparams_affine(
+        w,
+        qp.MappingType.ASYMMETRIC,
+        block,
+        torch.uint8,
+        *levels,
+        eps=1e-12,
+        scale_dtype=torch.float32,
+        zero_point_dtype=torch.float32,
+    )
+    q = qp.quantize_affine(w, block, scale, zero, torch.uint8, *levels)
+    return qp.dequantize_affine(q, block, scale, zero, torch.uint8, *levels)
+
+
+def spans_zero(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+    """(rows, groups) True where a group of `group_size` columns holds values of both signs."""
+    g = w.reshape(w.shape[0], -1, check_group(group_size, w.shape[1]))
+    return (g.amin(-1) < 0) & (g.amax(-1) > 0)
+
+
 def hessian(x: torch.Tensor) -> torch.Tensor:
     """H = 2·XᵀX / n (in × in) of inputs x (tokens × in): the curvature of ‖(Ŵ − W)·xᵀ‖²."""
     x = x.float()

@@ -313,42 +313,40 @@ def outliers(ratios, channel_max, layer: int) -> plt.Figure:
     return fig
 
 
-def quant_speed(ran, floors, batches, compiled=None, reference: str = "fp32") -> plt.Figure:
-    """Time per decode step against the batch, one panel per backend, in the backend's colour:
-    measured (median, IQR) solid; the floor max(bytes ÷ bandwidth, FLOPs ÷ peak) dashed;
-    floor + the eager loop's overhead dotted; `reference`'s measurement in grey in every panel;
-    `compiled` rows (backend, batch, tpot_s and quartiles) as hollow squares.
+def quant_speed(speed, floors, compiled=None, reference: str = "fp32") -> plt.Figure:
+    """Time per decode step against the batch, one panel per backend in its precision's colour
+    (`style("precision", backend)`): measured (median, IQR) solid; the floor max(bytes ÷
+    bandwidth, FLOPs ÷ peak) dashed and floor + the eager loop's overhead dotted, each labelled
+    at its right end; `reference`'s measurement in grey in every other panel; `compiled` rows
+    (backend, batch, tpot_s and quartiles) as hollow squares. The key sits below the panels.
 
-    `ran`: one row per backend with `ms_b{b}`, `q1_b{b}`, `q3_b{b}`; `floors`: rows of backend,
-    batch, floor_ms, with_overhead_ms (a dense batch grid, so the bend at the ridge shows)."""
-    names = list(ran.index)
+    `speed`: one row per backend × batch with ms, q1_ms, q3_ms (`quant.measure_backends`);
+    `floors`: rows of backend, batch, floor_ms, with_overhead_ms (a dense batch grid, so the bend
+    at the ridge shows)."""
+    names = list(dict.fromkeys(speed.backend))
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharex=True,
-                             sharey=True, squeeze=False)  # fmt: skip
-    colors = {n: style("precision", n)["color"] for n in names}  # fp32's reference is grey
-
-    def measured(name):
-        r = ran.loc[name]
-        ms = np.array([r[f"ms_b{b}"] for b in batches])
-        spread = [ms - [r[f"q1_b{b}"] for b in batches], [r[f"q3_b{b}"] for b in batches] - ms]
-        return ms, spread
-
-    ref_ms, _ = measured(reference)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharex=True, sharey=True, squeeze=False
+    )
+    reference_ms = speed[speed.backend == reference]
     for ax, name in zip(axes.flat, names, strict=False):
-        color = colors[name]
+        color = style("precision", name)["color"]
         if name != reference:
-            ax.plot(batches, ref_ms, color="grey", alpha=0.6, lw=1)
-        ms, spread = measured(name)
-        ax.errorbar(batches, ms, yerr=spread, marker="o", ms=4, capsize=2, color=color)
+            ax.plot(reference_ms.batch, reference_ms.ms, color="grey", alpha=0.6, lw=1)
+        g = speed[speed.backend == name]
+        spread = [g.ms - g.q1_ms, g.q3_ms - g.ms]
+        ax.errorbar(g.batch, g.ms, yerr=spread, marker="o", ms=4, capsize=2, color=color)
         f = floors[floors.backend == name]
         ax.plot(f.batch, f.floor_ms, ls="--", color=color)
         ax.plot(f.batch, f.with_overhead_ms, ls=":", color=color)
+        _label_line_ends(ax, f, color)
         if compiled is not None and name in set(compiled.backend):
             c = compiled[compiled.backend == name]
-            ax.errorbar(c.batch, c.tpot_s * 1e3, yerr=[(c.tpot_s - c.tpot_q1_s) * 1e3,
-                        (c.tpot_q3_s - c.tpot_s) * 1e3], fmt="s", mfc="white", color=color,
-                        capsize=2)  # fmt: skip
+            spread = [(c.tpot_s - c.tpot_q1_s) * 1e3, (c.tpot_q3_s - c.tpot_s) * 1e3]
+            ax.errorbar(
+                c.batch, c.tpot_s * 1e3, yerr=spread, fmt="s", mfc="white", color=color, capsize=2
+            )
         ax.set_title(name, fontsize=8, color=color)
         ax.set(xscale="log", yscale="log")
     for ax in axes.flat[len(names) :]:
@@ -364,10 +362,31 @@ def quant_speed(ran, floors, batches, compiled=None, reference: str = "fp32") ->
         Line2D([], [], color="grey", alpha=0.6, label=f"{reference}, measured"),
         Line2D([], [], color="black", marker="s", mfc="white", ls="", label="compiled"),
     ]
-    fig.legend(handles=key, loc="lower center", ncol=len(key), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.04))  # fmt: skip
     fig.tight_layout()
+    # the key below the figure's panels and their labels (savefig's tight bounding box keeps it)
+    fig.legend(
+        handles=key, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8, frameon=False
+    )
     return fig
+
+
+def _label_line_ends(ax: plt.Axes, floors, color) -> None:
+    """'floor' and '+ overhead' written beside the right end of a panel's two floor lines, the
+    lower one below its line and the upper one above, so the two never overprint."""
+    last = floors.iloc[-1]
+    for value, text, dy in (
+        (last.floor_ms, "floor", -9),
+        (last.with_overhead_ms, "+ overhead", 3),
+    ):
+        ax.annotate(
+            text,
+            (last.batch, value),
+            xytext=(-2, dy),
+            textcoords="offset points",
+            ha="right",
+            fontsize=7,
+            color=color,
+        )
 
 
 # --- Notebook 02 and 03's figures -----------------------------------------------------------

@@ -15,6 +15,7 @@ import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -56,8 +57,11 @@ def _groups(w: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
     group_size = checks.whole("group_size", group_size)
     if cols % group_size:
         # groups the packed int4 kernel also runs (INT4_KERNEL_GROUPS); smaller ones only if none
-        divisors = ([d for d in (32, 64, 128, 256) if cols % d == 0]
-                    or [d for d in (16, 8) if cols % d == 0] or [cols])  # fmt: skip
+        divisors = (
+            [d for d in (32, 64, 128, 256) if cols % d == 0]
+            or [d for d in (16, 8) if cols % d == 0]
+            or [cols]
+        )
         raise ValueError(
             f"group_size {group_size} does not divide the {cols} columns; use e.g. {divisors}"
         )
@@ -111,11 +115,17 @@ def quantization_errors(
     for b in bits:
         for granularity in GRANULARITIES:
             for symmetric in (True, False):
-                approx = fake_quantize(w, bits=b, granularity=granularity,
-                                       group_size=group_size, symmetric=symmetric)  # fmt: skip
-                rows.append({"bits": b, "granularity": granularity,
-                             "scheme": "absmax" if symmetric else "zero-point",
-                             "error": ((approx - w).norm() / w.norm()).item()})  # fmt: skip
+                approx = fake_quantize(
+                    w, bits=b, granularity=granularity, group_size=group_size, symmetric=symmetric
+                )
+                rows.append(
+                    {
+                        "bits": b,
+                        "granularity": granularity,
+                        "scheme": "absmax" if symmetric else "zero-point",
+                        "error": ((approx - w).norm() / w.norm()).item(),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -147,15 +157,24 @@ def output_errors(
     activations, tokens × channels) and on `draws` Gaussian inputs of x's shape and standard
     deviation — the same layer fed values without outlier channels (median and quartiles)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    gaussians = [torch.randn(x.shape, generator=gen, device=x.device) * x.std() for _ in
-                 range(draws)]  # fmt: skip
+    gaussians = [
+        torch.randn(x.shape, generator=gen, device=x.device) * x.std() for _ in range(draws)
+    ]
     rows = []
     for name, f in products.items():
         q1, median, q3 = quartiles([relative_error(f(g), exact(g)) for g in gaussians])
         real = relative_error(f(x), exact(x))
         ratio = real / median if median else math.nan
-        rows.append({"scheme": name, "real activations": real, "Gaussian inputs": median,
-                     "Gaussian q1": q1, "Gaussian q3": q3, "real ÷ Gaussian": ratio})  # fmt: skip
+        rows.append(
+            {
+                "scheme": name,
+                "real activations": real,
+                "Gaussian inputs": median,
+                "Gaussian q1": q1,
+                "Gaussian q3": q3,
+                "real ÷ Gaussian": ratio,
+            }
+        )
     return pd.DataFrame(rows).set_index("scheme")
 
 
@@ -192,8 +211,10 @@ def _use_kernel(packed: bool | None, device: torch.device, op_name: str, unfit: 
             "pass packed=None to dequantize then matmul where the kernel is missing"
         )
     if packed and unfit:
-        raise ValueError(f"packed=True: torch.{op_name} {unfit}; pass packed=None to dequantize "
-                         "then matmul for this shape")  # fmt: skip
+        raise ValueError(
+            f"packed=True: torch.{op_name} {unfit}; pass packed=None to dequantize "
+            "then matmul for this shape"
+        )
     return (available and not unfit) if packed is None else bool(packed)
 
 
@@ -223,8 +244,11 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         self.register_buffer("scale", scale.reshape(-1).to(compute_dtype))  # (out,)
         self.bias = linear.bias
         in_f = linear.weight.shape[1]
-        unfit = (f"needs in_features divisible by {INT8_KERNEL_MULTIPLE}, got {in_f}"
-                 if in_f % INT8_KERNEL_MULTIPLE else "")  # fmt: skip
+        unfit = (
+            f"needs in_features divisible by {INT8_KERNEL_MULTIPLE}, got {in_f}"
+            if in_f % INT8_KERNEL_MULTIPLE
+            else ""
+        )
         self.packed = _use_kernel(packed, linear.weight.device, "_weight_int8pack_mm", unfit)
         self.path = _path(self.packed, unfit)
 
@@ -256,8 +280,13 @@ class Int4WeightOnlyLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, group_size: int = 64, packed=None):
         super().__init__()
         out_f, in_f = linear.weight.shape
-        q, scale, zero = quantize(linear.weight.detach(), bits=4, granularity="group",
-                                  group_size=group_size, symmetric=False)  # fmt: skip
+        q, scale, zero = quantize(
+            linear.weight.detach(),
+            bits=4,
+            granularity="group",
+            group_size=group_size,
+            symmetric=False,
+        )
         q = q.reshape(out_f, in_f).to(torch.int32)  # (out, in), values 0 … 15
         self.group_size = group_size
         unfit = _int4_unfit(out_f, in_f, group_size)
@@ -290,8 +319,9 @@ class Int4WeightOnlyLinear(torch.nn.Module):
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (tokens, in)
         if self.packed:
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size,
-                                                  self.scales_zeros)  # fmt: skip
+            y = torch._weight_int4pack_mm_for_cpu(
+                flat, self.weight_int4, self.group_size, self.scales_zeros
+            )
         else:
             y = flat @ self.dequantized_weight().T  # (tokens, in) · (in, out)
         y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -303,8 +333,9 @@ def _int4_unfit(out_f: int, in_f: int, group_size: int) -> str:
         return f"needs out_features divisible by {INT4_KERNEL_MULTIPLE}, got {out_f}"
     if group_size not in INT4_KERNEL_GROUPS:
         fits = int4_group_sizes(in_f)
-        return (f"runs groups of {', '.join(map(str, INT4_KERNEL_GROUPS))}, not {group_size}"
-                + (f" (for {in_f} columns: group_size={fits[-1]})" if fits else ""))  # fmt: skip
+        return f"runs groups of {', '.join(map(str, INT4_KERNEL_GROUPS))}, not {group_size}" + (
+            f" (for {in_f} columns: group_size={fits[-1]})" if fits else ""
+        )
     return ""
 
 
@@ -333,7 +364,7 @@ def replace_linears(
 # --- Backends by name -------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Backend:
     name: str
     weights: str  # what the weights are stored as
@@ -357,7 +388,7 @@ class Backend:
         return self.linears if self.linears in ("fp32", "bf16", "fp16") else self.rest
 
 
-def _no_cuda(dev):
+def _needs_cuda(dev):
     return "" if dev.type == "cuda" else "bitsandbytes needs a CUDA GPU"
 
 
@@ -442,37 +473,57 @@ def torch_ao_dynamic(load, per_channel: bool = False):
     return model.float()  # embeddings and norms: the activations the int8 layers expect
 
 
-def _ok(dev):
+def _runs_everywhere(dev):
     return ""
 
 
+def _load_as(dtype):
+    return lambda load: load(dtype)
+
+
+def _course_linears(layer):
+    return lambda load: replace_linears(load(torch.bfloat16), layer)
+
+
+# One backend per entry, its fields aligned (a table: `# fmt: skip` keeps it so); `linears`,
+# `rest`, `head` and `compute` are keys of shapes.WEIGHT_BYTES.
 BACKENDS = {
     b.name: b
     for b in [
-        Backend("fp32", "fp32", _ok, lambda load: load(torch.float32), "fp32", "fp32"),
-        Backend("bf16", "bf16", _ok, lambda load: load(torch.bfloat16), "bf16", "bf16"),
-        Backend("fp16", "fp16", _ok, lambda load: load(torch.float16), "fp16", "fp16"),
-        Backend("int8 weight-only (PyTorch op)", "int8, per channel", _ok,
-                lambda load: replace_linears(load(torch.bfloat16), Int8WeightOnlyLinear),
-                "int8", "bf16"),
-        Backend("int4 weight-only (PyTorch op)", "int4, groups of 64", _ok,
-                lambda load: replace_linears(load(torch.bfloat16), Int4WeightOnlyLinear),
-                "int4", "bf16"),
-        Backend("int8 weight-only (torchao)", "int8, per channel", _torchao,
-                _apply_torchao("Int8WeightOnlyConfig"), "int8", "bf16"),
-        Backend("int8 dynamic (torchao)", "int8 weights and activations", _torchao_int8_dynamic,
-                _apply_torchao("Int8DynamicActivationInt8WeightConfig"), "int8", "bf16",
-                compute="int8"),
-        Backend("int4 weight-only (torchao)", "int4, groups of 64", _torchao_int4,
-                _apply_torchao("Int4WeightOnlyConfig", group_size=64), "int4", "bf16"),
-        Backend("int8 (bitsandbytes)", "int8 with outliers in fp16", _no_cuda,
-                _apply_bnb(load_in_8bit=True), "int8", "fp16"),
-        Backend("nf4 (bitsandbytes)", "4-bit NormalFloat", _no_cuda,
-                _apply_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                           bnb_4bit_compute_dtype=torch.float16), "int4", "fp16"),
-        Backend("torch.ao dynamic int8 (deprecated)", "int8 weights and activations",
-                _torch_ao_dynamic, torch_ao_dynamic, "int8", "fp32", head="int8",
-                compute="int8"),
+        Backend(name="fp32", weights="fp32", why_unsupported=_runs_everywhere,
+                apply=_load_as(torch.float32), linears="fp32", rest="fp32"),
+        Backend(name="bf16", weights="bf16", why_unsupported=_runs_everywhere,
+                apply=_load_as(torch.bfloat16), linears="bf16", rest="bf16"),
+        Backend(name="fp16", weights="fp16", why_unsupported=_runs_everywhere,
+                apply=_load_as(torch.float16), linears="fp16", rest="fp16"),
+        Backend(name="int8 weight-only (PyTorch op)", weights="int8, per channel",
+                why_unsupported=_runs_everywhere, apply=_course_linears(Int8WeightOnlyLinear),
+                linears="int8", rest="bf16"),
+        Backend(name="int4 weight-only (PyTorch op)", weights="int4, groups of 64",
+                why_unsupported=_runs_everywhere, apply=_course_linears(Int4WeightOnlyLinear),
+                linears="int4", rest="bf16"),
+        Backend(name="int8 weight-only (torchao)", weights="int8, per channel",
+                why_unsupported=_torchao, apply=_apply_torchao("Int8WeightOnlyConfig"),
+                linears="int8", rest="bf16"),
+        Backend(name="int8 dynamic (torchao)", weights="int8 weights and activations",
+                why_unsupported=_torchao_int8_dynamic,
+                apply=_apply_torchao("Int8DynamicActivationInt8WeightConfig"),
+                linears="int8", rest="bf16", compute="int8"),
+        Backend(name="int4 weight-only (torchao)", weights="int4, groups of 64",
+                why_unsupported=_torchao_int4,
+                apply=_apply_torchao("Int4WeightOnlyConfig", group_size=64),
+                linears="int4", rest="bf16"),
+        Backend(name="int8 (bitsandbytes)", weights="int8 with outliers in fp16",
+                why_unsupported=_needs_cuda, apply=_apply_bnb(load_in_8bit=True),
+                linears="int8", rest="fp16"),
+        Backend(name="nf4 (bitsandbytes)", weights="4-bit NormalFloat",
+                why_unsupported=_needs_cuda,
+                apply=_apply_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_compute_dtype=torch.float16),
+                linears="int4", rest="fp16"),
+        Backend(name="torch.ao dynamic int8 (deprecated)", weights="int8 weights and activations",
+                why_unsupported=_torch_ao_dynamic, apply=torch_ao_dynamic,
+                linears="int8", rest="fp32", head="int8", compute="int8"),
     ]
 }  # fmt: skip
 
@@ -584,6 +635,21 @@ def weight_scales(model: torch.nn.Module) -> str:
 # --- Measuring every backend, one model in memory at a time ----------------------------------
 
 
+class BackendResults(NamedTuple):
+    """What `measure_backends` returns: two tidy tables.
+
+    `backends`: one row per backend (index: its name) with status, kernel path, weight scales,
+    weight bytes (measured and predicted), size on disk, load peak, perplexity, top-1 agreement
+    and KL against fp32. `speed`: one row per backend × batch (backend, batch, ms, q1_ms, q3_ms,
+    oom): time per output token, median and quartiles; NaN where the batch ran out of memory."""
+
+    backends: pd.DataFrame
+    speed: pd.DataFrame
+
+
+SPEED_COLUMNS = ("backend", "batch", "ms", "q1_ms", "q3_ms", "oom")
+
+
 def measure_backends(
     load: Callable,
     device,
@@ -594,50 +660,81 @@ def measure_backends(
     prompt_tokens: int = 8,
     new_tokens: int = 15,
     compare_positions: int = 128,
-) -> pd.DataFrame:
-    """One row per backend: status, kernel path, weight bytes (measured and predicted), size on
-    disk, perplexity on `eval_ids`, top-1 agreement and KL against the first backend that runs
-    (fp32) on the first `compare_positions` tokens, and time per output token for each batch
-    (`ms_b{b}`, quartiles `q1_b{b}`, `q3_b{b}`) from `decode.sweep`: a warm-up, then the
-    `new_tokens` − 1 decode steps after a `prompt_tokens`-token prompt; out of memory → NaN.
+    reference: str = "fp32",
+) -> BackendResults:
+    """Measure every backend of `names` (default: all) on a fresh copy of the model each.
+
+    Memory and quality as `BackendResults.backends` lists them: perplexity on `eval_ids`, top-1
+    agreement and KL against `reference` (fp32, measured first whatever the order of `names`)
+    on the first `compare_positions` tokens. Speed from `decode.sweep`: a warm-up, then the
+    `new_tokens` − 1 decode steps after a `prompt_tokens`-token prompt, at each batch.
 
     One model lives at a time: each is freed before the next loads, so the peak is the largest
     single backend's, not their sum.
     """
     device = as_device(device)
-    names = checks.names("names", names, BACKENDS) if names is not None else list(BACKENDS)
-    shape, reference, rows = None, None, []
+    names = checks.names("names", names, BACKENDS) if names is not None else tuple(BACKENDS)
+    reference = checks.choice("reference", reference, BACKENDS)
+    model, note = load_backend(reference, load, device)
+    if model is None:
+        raise ValueError(f"the reference backend {reference!r} is {note}: pass reference='fp32'")
+    reference_logits = _logits(model, eval_ids[:compare_positions], device)
+    del model
+    rows, speeds = [], []
     for name in names:  # every name checked above, before the first (slow) measurement
         release_freed_memory()  # the previous backend, before measuring this one
         with PeakMemory(device) as peak:
             model, note = load_backend(name, load, device)
         row = {"backend": name, "stored as": BACKENDS[name].weights, "status": note or "ok"}
         if model is not None:
-            shape = shape or Shape.of(model.config)
-            row["kernel"] = kernel_path(model)
-            row["weight scales"] = weight_scales(model)
-            row["weight_bytes"] = weight_bytes(model, include_buffers=True)
-            row["predicted_bytes"] = sum(predicted_weight_bytes(shape, name).values())
-            row["serialized_bytes"] = serialized_bytes(model)
+            row |= _memory_and_quality(model, name, eval_ids, reference_logits, device)
             row["load_peak_increase"] = peak.increase_bytes
-            row["perplexity"] = perplexity(model, eval_ids.to(device))
-            with torch.inference_mode():
-                ids = eval_ids[:compare_positions].unsqueeze(0).to(device)
-                logits = model(input_ids=ids).logits[0].float().cpu()
-            reference = logits if reference is None else reference
-            row["top1_agreement"], row["kl_vs_fp32"] = agreement_and_kl(reference, logits)
-            del logits
-            speed = decode.sweep(model, [prompt_tokens], batches, new_tokens).set_index("batch")
-            columns = {"ms": "tpot_s", "q1": "tpot_q1_s", "q3": "tpot_q3_s"}
-            for b in batches:
-                oom = bool(speed.oom[b])
-                row |= {f"{k}_b{b}": math.nan if oom else speed.loc[b, c] * 1e3
-                        for k, c in columns.items()}  # fmt: skip
-            row["out of memory at batch"] = ", ".join(str(b) for b in batches if speed.oom[b])
+            speed = decode.sweep(model, [prompt_tokens], batches, new_tokens)
+            speeds.append(_speed_rows(name, speed))
+            row["out of memory at batch"] = ", ".join(str(b) for b in speed.batch[speed.oom])
             del model
         rows.append(row)
     release_freed_memory()
-    return pd.DataFrame(rows).set_index("backend")
+    speed = pd.concat(speeds, ignore_index=True) if speeds else pd.DataFrame(columns=SPEED_COLUMNS)
+    return BackendResults(pd.DataFrame(rows).set_index("backend"), speed)
+
+
+@torch.inference_mode()
+def _logits(model, ids: torch.Tensor, device) -> torch.Tensor:
+    """The model's logits (positions, vocab) on one sequence of ids, in fp32 on the CPU."""
+    return model(input_ids=ids.unsqueeze(0).to(device)).logits[0].float().cpu()
+
+
+def _memory_and_quality(model, name, eval_ids, reference_logits, device) -> dict:
+    shape = Shape.of(model.config)
+    logits = _logits(model, eval_ids[: reference_logits.shape[0]], device)
+    agreement, kl = agreement_and_kl(reference_logits, logits)
+    return {
+        "kernel": kernel_path(model),
+        "weight scales": weight_scales(model),
+        "weight_bytes": weight_bytes(model, include_buffers=True),
+        "predicted_bytes": sum(predicted_weight_bytes(shape, name).values()),
+        "serialized_bytes": serialized_bytes(model),
+        "perplexity": perplexity(model, eval_ids.to(device)),
+        "top1_agreement": agreement,
+        "kl_vs_fp32": kl,
+    }
+
+
+def _speed_rows(name: str, sweep: pd.DataFrame) -> pd.DataFrame:
+    """`decode.sweep` rows as the long speed table: ms per output token, NaN where out of memory."""
+    oom = sweep.oom.astype(bool)
+    ms = sweep.reindex(columns=["tpot_s", "tpot_q1_s", "tpot_q3_s"]).mul(1e3).where(~oom)
+    return pd.DataFrame(
+        {
+            "backend": name,
+            "batch": sweep.batch.to_numpy(),
+            "ms": ms.tpot_s.to_numpy(),
+            "q1_ms": ms.tpot_q1_s.to_numpy(),
+            "q3_ms": ms.tpot_q3_s.to_numpy(),
+            "oom": oom.to_numpy(),
+        }
+    )
 
 
 # --- Size -----------------------------------------------------------------------------------
@@ -681,7 +778,7 @@ def perplexity(model, ids: torch.Tensor, window: int = 256) -> float:
     if not math.isfinite(total):
         raise ValueError(
             "the model's logits hold NaN or inf, so perplexity is undefined: check the weights "
-            "(e.g. checks.finite on each parameter) and the precision (fp16 can overflow)"
+            "(e.g. device.check_finite on each parameter) and the precision (fp16 can overflow)"
         )
     return math.exp(total / count)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from helpers import deploy, planner, serving, shapes
+from helpers import deploy, planner, quant, serving, shapes
 from helpers.exercises import answer, derive, exercise, investigate, predict
 
 __all__ = ["answer", "derive", "investigate", "predict"]
@@ -94,6 +94,90 @@ def _per_layer_cost(result, notebook_slope_s):
 
 
 # --- 01 · quantization ----------------------------------------------------------------
+
+
+@exercise(
+    "01.int4-bytes",
+    "derive",
+    "int4_bytes(out_features, in_features, group_size): bytes of an int4 weight matrix with one "
+    "bf16 scale and one bf16 zero point per group of group_size weights of a row",
+    rtol=1e-9,
+    tolerance_why="a count of bytes: exact",
+    hint="half a byte per weight, plus per group (how many groups does a row hold?) two 16-bit "
+    "numbers",
+    cases=(
+        dict(out_features=4096, in_features=4096, group_size=64),
+        dict(out_features=576, in_features=1536, group_size=128),
+        dict(out_features=1536, in_features=576, group_size=32),
+        dict(out_features=8192, in_features=28672, group_size=128),  # Llama-3-70B down_proj
+    ),
+)
+def _int4_bytes(out_features, in_features, group_size):
+    return out_features * in_features / 2 + out_features * (in_features // group_size) * 2 * 2
+
+
+@exercise(
+    "01.int8-error",
+    "predict",
+    "‖ŵ − w‖ / ‖w‖ of int8 absmax per output channel on `weight`",
+    rtol=0.1,
+    tolerance_why="±10 %: the rounding model (each error uniform within ± half a step) is off "
+    "only where a step is not small against the weights, which at 127 levels per row is rare",
+    hint="each row's step is its max |w| ÷ 127 and a uniform error over one step has RMS step ÷ "
+    "√12; add up the squared errors of every row and divide by ‖w‖",
+)
+def _int8_error(measured):
+    return measured
+
+
+@exercise(
+    "01.group-128-error",
+    "predict",
+    "‖ŵ − w‖ / ‖w‖ of 4-bit zero-point groups of 128 on `weight`, from groups of 64's",
+    rtol=0.1,
+    tolerance_why="±10 %: the error scales with the RMS step (a group's range ÷ 15) as long as "
+    "the errors stay uniform within a step, as they do at both group sizes",
+    hint="the error is proportional to the RMS of the steps, range ÷ (2^bits − 1); compare the "
+    "RMS group range at 128 columns with that at 64 and scale groups of 64's measured error",
+)
+def _group_128_error(measured):
+    return measured
+
+
+def _bits_per_weight(bits, group):
+    return bits + 2 * 16 / group  # a 16-bit scale and a 16-bit zero point per group
+
+
+@exercise(
+    "01.bits-or-groups",
+    "investigate",
+    "the (bits, group size) with the lowest error on `weight` within a budget of bits per weight",
+)
+def _bits_or_groups(result, weight, budget_bits):
+    """A result {"configs": [(bits, group), ...], "error": [...], "best": (bits, group)}."""
+    configs = [tuple(c) for c in result.get("configs", [])]
+    errors = list(result.get("error", []))
+    if len(configs) < 4 or len({b for b, _ in configs}) < 2 or len({g for _, g in configs}) < 2:
+        return "try at least four configurations, with two bit widths and two group sizes or more"
+    if len(errors) != len(configs):
+        return "give one error per configuration"
+    fits = [_bits_per_weight(b, g) <= budget_bits for b, g in configs]
+    if all(fits) or not any(fits):
+        return "include configurations both within and over the budget (bits + 32 ÷ group)"
+    for (bits, group), error in zip(configs, errors, strict=True):
+        approx = quant.fake_quantize(weight, bits=bits, group_size=group, symmetric=False)
+        if abs(error - quant.relative_error(approx, weight)) > 0.01 * error:
+            return (
+                f"the error of {bits} bits, groups of {group} is not ‖ŵ − w‖ / ‖w‖ of "
+                "quant.fake_quantize(weight, bits=..., group_size=..., symmetric=False)"
+            )
+    within = [(e, c) for e, c, ok in zip(errors, configs, fits, strict=True) if ok]
+    if tuple(result.get("best", ())) != min(within)[1]:
+        return (
+            "best should be the configuration with the lowest error among those whose bits "
+            "per weight, scales and zero points included, fit the budget"
+        )
+    return ""
 
 
 # --- 02 · memory and buffers ----------------------------------------------------------

@@ -22,9 +22,13 @@ def correlated_inputs(tokens=2048, channels=256, rank=16, seed=0):
 
 def one_layer_llama():
     return llama_from_config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+    )
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -104,18 +108,26 @@ def test_bad_inputs_name_the_fix():
 
 @pytest.fixture(scope="module")
 def small_llama():
-    return llama_from_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
-                             seed=0).eval()  # fmt: skip
+    return llama_from_config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        seed=0,
+    ).eval()
 
 
 def test_driver_rtn_is_every_linear_rounded_alone(small_llama):
-    model = calibrate.quantize_model(copy.deepcopy(small_llama), torch.ones(1, 4, dtype=torch.long),
-                                     "rtn", 3, 32)  # fmt: skip
+    model = calibrate.quantize_model(
+        copy.deepcopy(small_llama), torch.ones(1, 4, dtype=torch.long), "rtn", 3, 32
+    )
     for (name, before), after in zip(small_llama.named_modules(), model.modules(), strict=True):
         if isinstance(before, torch.nn.Linear) and "lm_head" not in name:
-            expected = quant.fake_quantize(before.weight.detach(), bits=3, group_size=32,
-                                           symmetric=False)  # fmt: skip
+            expected = quant.fake_quantize(
+                before.weight.detach(), bits=3, group_size=32, symmetric=False
+            )
             torch.testing.assert_close(after.weight, expected)
     torch.testing.assert_close(model.lm_head.weight, small_llama.lm_head.weight)  # untouched
 
@@ -153,3 +165,18 @@ def test_distinct_values_per_group_reads_a_planted_grid():
     w = levels[torch.randint(0, 16, (8, 64))]  # every group of 32 on them
     assert calibrate.distinct_per_group(w, 32).max() <= 16
     assert calibrate.distinct_per_group(torch.randn(8, 64), 32).min() == 32
+
+
+def test_round_to_nearest_equals_torchao_s_where_the_formats_match():
+    """A library's answer: torchao's asymmetric affine primitives give the same ŵ on every group
+    whose values span 0; on a one-signed group torchao's range is stretched to include 0."""
+    pytest.importorskip("torchao")
+    for bits, group in [(4, 64), (3, 128), (8, 32)]:
+        w = torch.randn(16, 256)
+        w[0, :group] = torch.rand(group) + 0.5  # one group of positive values only
+        ours, theirs = calibrate.rtn(w, bits, group), calibrate.torchao_rtn(w, bits, group)
+        both_signs = calibrate.spans_zero(w, group).repeat_interleave(group, dim=1)
+        assert not both_signs[0, :group].any() and both_signs[1:].all()
+        torch.testing.assert_close(ours[both_signs], theirs[both_signs], rtol=0, atol=1e-6)
+        one_signed = (ours[0, :group] - w[0, :group]).abs().max()
+        assert (theirs[0, :group] - w[0, :group]).abs().max() > one_signed  # a coarser step

@@ -4,6 +4,7 @@ with known answers and with helpers.quant (the same integers and scales, the sam
 import json
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
@@ -58,8 +59,9 @@ def test_int8_equals_the_helper_s():
 def test_int4_equals_the_helper_s():
     w = torch.randn(48, 192)
     q, scale, zero = nb.quantize_int4(w, group=64)
-    hq, hscale, hzero = quant.quantize(w, bits=4, granularity="group", group_size=64,
-                                       symmetric=False)  # fmt: skip
+    hq, hscale, hzero = quant.quantize(
+        w, bits=4, granularity="group", group_size=64, symmetric=False
+    )
     assert torch.equal(q.float(), hq) and torch.equal(scale, hscale) and torch.equal(zero, hzero)
 
 
@@ -78,14 +80,27 @@ def test_the_linear_forward_equals_the_helper_layers():
 
 
 def test_the_idea_cells_define_what_the_notebook_uses():
-    assert {"quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4",
-            "quantized_linear"} <= set(vars(nb))  # fmt: skip
+    assert {
+        "quantize_int8",
+        "dequantize_int8",
+        "quantize_int4",
+        "dequantize_int4",
+        "quantized_linear",
+    } <= set(vars(nb))
 
 
 # Prose is written from the run: a sentence that states an outcome is formatted in a code cell and
 # worded by its verdict (verdicts.say), never fixed in a markdown cell.
-OUTCOME_WORDS = ("as predicted", "holds", "does not hold", "within noise", "faster than",
-                 "slower than", "is the main cause", "dominates")  # fmt: skip
+OUTCOME_WORDS = (
+    "as predicted",
+    "holds",
+    "does not hold",
+    "within noise",
+    "faster than",
+    "slower than",
+    "is the main cause",
+    "dominates",
+)
 
 
 def test_no_markdown_cell_states_an_outcome():
@@ -98,29 +113,53 @@ def test_no_markdown_cell_states_an_outcome():
 
 
 def test_the_speed_figure_draws_every_backend_with_its_floor():
-    batches = [1, 8]
-    ran = pd.DataFrame(
-        {f"{k}_b{b}": [10.0 * b, 5.0 * b] for k in ("ms", "q1", "q3") for b in batches},
-        index=["fp32", "int8 weight-only (torchao)"],
+    names = ["fp32", "int8 weight-only (torchao)"]
+    speed = pd.DataFrame(
+        [
+            {"backend": n, "batch": b, "ms": f * b, "q1_ms": f * b * 0.9, "q3_ms": f * b * 1.1}
+            for n, f in zip(names, (10.0, 5.0), strict=True)
+            for b in (1, 8)
+        ]
     )
-    floors = pd.DataFrame([{"backend": n, "batch": b, "floor_ms": b, "with_overhead_ms": b + 1}
-                           for n in ran.index for b in (1, 2, 4, 8)])  # fmt: skip
-    compiled = pd.DataFrame({"backend": ["int8 weight-only (torchao)"], "batch": [1],
-                             "tpot_s": [0.004], "tpot_q1_s": [0.003],
-                             "tpot_q3_s": [0.005]})  # fmt: skip
-    fig = plots.quant_speed(ran, floors, batches, compiled)
+    floors = pd.DataFrame(
+        [
+            {"backend": n, "batch": b, "floor_ms": b, "with_overhead_ms": b + 1}
+            for n in names
+            for b in (1, 2, 4, 8)
+        ]
+    )
+    compiled = pd.DataFrame(
+        {
+            "backend": ["int8 weight-only (torchao)"],
+            "batch": [1],
+            "tpot_s": [0.004],
+            "tpot_q1_s": [0.003],
+            "tpot_q3_s": [0.005],
+        }
+    )
+    fig = plots.quant_speed(speed, floors, compiled)
     visible = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in visible] == list(ran.index)
+    assert [ax.get_title() for ax in visible] == names
     assert len(visible[0].lines) >= 2  # the floor (dashed) and floor + overhead (dotted)
     styles = {line.get_linestyle() for line in visible[1].lines}
     assert {"--", ":"} <= styles
+    # each backend in its precision's colour, its floors labelled in the panel
+    int8 = plots.style("precision", "int8")["color"]
+    dashed = [line for line in visible[1].lines if line.get_linestyle() == "--"]
+    assert matplotlib.colors.same_color(dashed[0].get_color(), int8)
+    assert {t.get_text() for t in visible[1].texts} == {"floor", "+ overhead"}
+    # the key lies below every panel, not over the data
+    fig.canvas.draw()
+    key = fig.legends[0].get_window_extent()
+    assert all(key.y1 <= ax.get_tightbbox().y0 for ax in visible)  # labels included
     plt.close(fig)
 
 
 def test_the_outlier_figure_has_three_panels():
     errors = {"int8 error, per tensor": 0.02, "int8 error, per channel": 0.01}
-    ratios = pd.DataFrame([{"layer": i, "matrix": m, "max / std": 5.0, **errors}
-                           for i in range(3) for m in "ab"])  # fmt: skip
+    ratios = pd.DataFrame(
+        [{"layer": i, "matrix": m, "max / std": 5.0, **errors} for i in range(3) for m in "ab"]
+    )
     fig = plots.outliers(ratios, torch.rand(16), layer=1)
     assert len(fig.axes) == 3
     plt.close(fig)
@@ -141,8 +180,9 @@ def test_round_to_nearest_cell_equals_the_helper():
 
     w = torch.randn(24, 192)
     for bits, group in [(3, 64), (4, 32), (2, 192)]:
-        torch.testing.assert_close(nb.round_to_nearest(w, bits, group),
-                                   calibrate.rtn(w, bits, group), rtol=0, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            nb.round_to_nearest(w, bits, group), calibrate.rtn(w, bits, group), rtol=0, atol=1e-6
+        )
 
 
 def test_awq_cell_finds_what_the_helper_finds():
@@ -176,5 +216,6 @@ def test_gptq_cell_on_uncorrelated_channels_is_round_to_nearest():
     """x with orthogonal channels of different sizes: H is diagonal, nothing to move."""
     x = torch.diag(torch.rand(64) + 0.5) * 8  # 64 tokens, each one channel
     w = torch.randn(16, 64)
-    torch.testing.assert_close(nb.gptq(w, x, 4, 32), nb.round_to_nearest(w, 4, 32), rtol=0,
-                               atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        nb.gptq(w, x, 4, 32), nb.round_to_nearest(w, 4, 32), rtol=0, atol=1e-6
+    )

@@ -14,8 +14,9 @@ def test_exactly_representable_values_round_trip(symmetric):
     w = torch.tensor([[-127.0, -3.0, 0.0, 5.0, 127.0, 64.0, -64.0, 1.0]]) / 32
     if not symmetric:
         w = torch.tensor([[0.0, 3.0, 255.0, 17.0, 128.0, 1.0, 2.0, 200.0]]) / 16
-    torch.testing.assert_close(quant.fake_quantize(w, bits=8, granularity="tensor",
-                                                   symmetric=symmetric), w)  # fmt: skip
+    torch.testing.assert_close(
+        quant.fake_quantize(w, bits=8, granularity="tensor", symmetric=symmetric), w
+    )
 
 
 def test_absmax_per_channel_int8_error_is_at_most_half_a_step():
@@ -29,8 +30,10 @@ def test_absmax_per_channel_int8_error_is_at_most_half_a_step():
 def test_groups_beat_one_scale_when_there_are_outliers():
     w = torch.randn(32, 512) * 0.02
     w[3, 17] = 8.0  # one planted outlier stretches the per-tensor (and its row's) scale
-    err = {g: (quant.fake_quantize(w, bits=4, granularity=g, group_size=64) - w).pow(2).mean()
-           for g in ("tensor", "channel", "group")}  # fmt: skip
+    err = {
+        g: (quant.fake_quantize(w, bits=4, granularity=g, group_size=64) - w).pow(2).mean()
+        for g in ("tensor", "channel", "group")
+    }
     assert err["group"] < err["channel"] < err["tensor"]
 
 
@@ -85,9 +88,11 @@ def test_int4_readable_weights_are_the_quantizer_s():
 
 @pytest.mark.parametrize(
     ("make", "op"),
-    [(quant.Int8WeightOnlyLinear, "_weight_int8pack_mm"),
-     (quant.Int4WeightOnlyLinear, "_weight_int4pack_mm_for_cpu")],
-)  # fmt: skip
+    [
+        (quant.Int8WeightOnlyLinear, "_weight_int8pack_mm"),
+        (quant.Int4WeightOnlyLinear, "_weight_int4pack_mm_for_cpu"),
+    ],
+)
 def test_without_the_kernel_the_linears_dequantize_then_matmul(monkeypatch, make, op):
     linear = torch.nn.Linear(128, 32, bias=False)
     monkeypatch.delattr(torch, op)  # as on a GPU, or a torch without the CPU kernel
@@ -96,15 +101,28 @@ def test_without_the_kernel_the_linears_dequantize_then_matmul(monkeypatch, make
         make(linear, packed=True)
 
 
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)  # fmt: skip
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.mark.parametrize(
     "backend",
-    ["fp32", "bf16", "int8 weight-only (PyTorch op)", "int4 weight-only (PyTorch op)",
-     "torch.ao dynamic int8 (deprecated)", "int8 weight-only (torchao)"],
-)  # fmt: skip
+    [
+        "fp32",
+        "bf16",
+        "int8 weight-only (PyTorch op)",
+        "int4 weight-only (PyTorch op)",
+        "torch.ao dynamic int8 (deprecated)",
+        "int8 weight-only (torchao)",
+    ],
+)
 @pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")  # torch.ao's own
 def test_predicted_weight_bytes_match_the_measured(backend):
     def load(dtype):
@@ -138,13 +156,26 @@ def test_measure_backends_one_row_each_with_spreads():
 
     ids = torch.randint(0, 512, (65,))
     names = ["fp32", "int8 weight-only (PyTorch op)", "nf4 (bitsandbytes)"]
-    frame = quant.measure_backends(load, "cpu", ids, [1, 2], names, compare_positions=16)
+    frame, speed = quant.measure_backends(load, "cpu", ids, [1, 2], names, compare_positions=16)
     assert list(frame.index) == names
     assert frame.loc["fp32", "top1_agreement"] == 1.0
     assert frame.loc["nf4 (bitsandbytes)", "status"].startswith("unsupported here")
     ran = frame.loc[["fp32", "int8 weight-only (PyTorch op)"]]
-    assert (ran.q1_b2 <= ran.ms_b2).all() and (ran.ms_b2 <= ran.q3_b2).all()
+    at_2 = speed[speed.batch == 2]  # one row per backend × batch: the two that ran
+    assert at_2.backend.tolist() == ["fp32", "int8 weight-only (PyTorch op)"]
+    assert (at_2.q1_ms <= at_2.ms).all() and (at_2.ms <= at_2.q3_ms).all()
     assert ran.kernel.tolist() == ["", "packed kernel"]
+
+
+def test_measure_backends_compares_against_fp32_whatever_runs_first():
+    def load(dtype):
+        return models.llama_from_config(dtype=dtype, **TINY)
+
+    ids = torch.randint(0, 512, (33,))
+    names = ["int8 weight-only (PyTorch op)", "fp32"]
+    frame, _ = quant.measure_backends(load, "cpu", ids, [1], names, compare_positions=16)
+    assert frame.loc["fp32", "kl_vs_fp32"] == 0.0  # fp32 against itself, though measured second
+    assert frame.loc["int8 weight-only (PyTorch op)", "kl_vs_fp32"] > 0
 
 
 def test_measure_backends_records_out_of_memory():
@@ -160,9 +191,10 @@ def test_measure_backends_records_out_of_memory():
         return model
 
     ids = torch.randint(0, 512, (33,))
-    row = quant.measure_backends(load, "cpu", ids, [1, 2], ["fp32"], compare_positions=8).iloc[0]
+    frame, speed = quant.measure_backends(load, "cpu", ids, [1, 2], ["fp32"], compare_positions=8)
+    row, ms = frame.iloc[0], speed.set_index("batch").ms
     assert row.status == "ok" and row["out of memory at batch"] == "2"
-    assert row.ms_b1 > 0 and math.isnan(row.ms_b2)
+    assert ms[1] > 0 and math.isnan(ms[2]) and speed.oom.tolist() == [False, True]
 
 
 def test_outliers_and_captured_inputs():
@@ -198,8 +230,11 @@ class KnowsTheAnswer(UniformModel):
 
     def forward(self, input_ids):
         n = input_ids.shape[1]
-        start = next(i for i in range(len(self.sequence)) if torch.equal(
-            self.sequence[i : i + n], input_ids[0]))  # fmt: skip
+        start = next(
+            i
+            for i in range(len(self.sequence))
+            if torch.equal(self.sequence[i : i + n], input_ids[0])
+        )
         probs = torch.full((1, n, self.vocab), (1 - self.p) / (self.vocab - 1))
         probs[0, torch.arange(n), self.sequence[start + 1 : start + n + 1]] = self.p
         return type("Out", (), {"logits": probs.log()})()
@@ -276,9 +311,12 @@ def test_weight_scales_are_read_from_the_quantized_layers():
     def load(dtype):
         return models.llama_from_config(dtype=dtype, **TINY)
 
-    expected = {"int8 weight-only (PyTorch op)": "per channel",
-                "int4 weight-only (PyTorch op)": "per group of 64", "fp32": "",
-                "int8 weight-only (torchao)": "per channel"}  # fmt: skip
+    expected = {
+        "int8 weight-only (PyTorch op)": "per channel",
+        "int4 weight-only (PyTorch op)": "per group of 64",
+        "fp32": "",
+        "int8 weight-only (torchao)": "per channel",
+    }
     for name, scales in expected.items():
         model, note = quant.load_backend(name, load, "cpu")
         if model is not None:
@@ -303,9 +341,13 @@ def test_output_errors_known_answers():
     w = torch.randn(16, 64)
     x = torch.randn(32, 64)
     x[:, 3] *= 50  # one outlier channel
-    products = {"exact": lambda z: z @ w.T, "doubled": lambda z: 2 * z @ w.T,
-                "activations per tensor": lambda z: quant.fake_quantize(
-                    z, bits=4, granularity="tensor") @ w.T}  # fmt: skip
+    products = {
+        "exact": lambda z: z @ w.T,
+        "doubled": lambda z: 2 * z @ w.T,
+        "activations per tensor": lambda z: (
+            quant.fake_quantize(z, bits=4, granularity="tensor") @ w.T
+        ),
+    }
     table = quant.output_errors(products, lambda z: z @ w.T, x, draws=5)
     assert table.loc["exact", "real activations"] == 0
     assert table.loc["doubled", "real activations"] == pytest.approx(1.0)

@@ -34,8 +34,9 @@ SWEEP = textwrap.dedent(
 
 
 def test_every_width_runs_both_paths_without_a_crash_and_agrees():
-    done = subprocess.run([sys.executable, "-c", SWEEP], capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", SWEEP], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     assert "swept 17" in done.stdout
 
@@ -67,5 +68,6 @@ def test_measure_backends_checks_every_name_before_measuring_any():
         raise AssertionError("a model was loaded before the names were checked")
 
     with pytest.raises(ValueError, match="int9"):
-        quant.measure_backends(load, "cpu", torch.zeros(8, dtype=torch.long), [1],
-                               names=["fp32", "int9"])  # fmt: skip
+        quant.measure_backends(
+            load, "cpu", torch.zeros(8, dtype=torch.long), [1], names=["fp32", "int9"]
+        )
