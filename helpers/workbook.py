@@ -228,9 +228,9 @@ def _weights_and_kv_max_batch(model, context, budget_bytes, weight_bytes, value_
     "predict",
     "the peak one request adds: batch 1 × 384 prompt tokens, 2 new tokens, every position's "
     "logits kept (MiB)",
-    rtol=0.25,
-    tolerance_why="±25 %: the formulas count tensors, not the libraries' scratch, a fixed amount "
-    "that weighs more in this small request than in section 2's; or the run's spread",
+    rtol=0.3,
+    tolerance_why="±30 %: the formulas count tensors, not the libraries' scratch (section 2's "
+    "request rows: a few % over), which weighs more in this small request; or the run's spread",
     hint="its KV cache for prompt + new tokens, plus the larger of its widest moment inside a "
     "layer and after the last one; with every position's logits kept, which of the two is it, "
     "and how many bytes does one position's scores over the vocabulary take?",
