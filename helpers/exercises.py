@@ -152,7 +152,7 @@ def _verdict(ex: Exercise, answer, target: float, unit: str | None, rtol: float)
     value = _number(ex.question, answer, unit)
     if unit is not None and ex.unit is not None and unit != ex.unit:
         target = _expected_in(target, unit, ex.unit)
-    ok = _within(value, target, rtol)
+    ok = bool(_within(value, target, rtol))  # a plain bool, not NumPy's, when a cell shows it
     if ok:
         print(f"✅ correct — {ex.question}: you gave {value:.4g} (within {rtol:.0%})")
     else:
@@ -194,7 +194,11 @@ def derive(key: str, fn) -> bool:
         raise TypeError(f"{ex.question}: pass the function itself (no parentheses), got {fn!r:.40}")
     for case in ex.cases:
         try:
-            got = float(fn(**case))
+            got = fn(**case)
+            if got is None:
+                print(f"⏳ {ex.question}: not written yet (your function returns None)")
+                return False
+            got = float(got)
         except Exception as err:  # the learner's code: report, do not crash the notebook
             print(f"❌ not yet — {ex.question}: your function raised {err!r:.80} on {case}")
             return False

@@ -53,7 +53,7 @@ def test_compute_exercises(key, capsys):
     assert not workbook.answer(key, known * 1.5, **given)
     out = capsys.readouterr().out
     assert f"{known:.4g}" not in out and "Hint:" in out  # a hint, never the answer
-    assert workbook.answer(key, known, **given)
+    assert workbook.answer(key, known, **given) is True  # a plain bool, shown as True
 
 
 def test_a_unit_slip_is_named_in_the_hint(capsys):
@@ -87,6 +87,8 @@ def test_derive_exercises(key, capsys):
     assert not workbook.derive(key, wrong)
     assert not workbook.derive(key, lambda **kw: 1 / 0)  # a crash is reported, not raised
     assert "raised" in capsys.readouterr().out
+    assert not workbook.derive(key, lambda **kw: None)  # the exercise's stub, untouched
+    assert "returns None" in capsys.readouterr().out
     assert workbook.derive(key, right)
     with pytest.raises(TypeError, match="the function itself"):
         workbook.derive(key, right(1e12, 1e9, 2))
