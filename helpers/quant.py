@@ -178,15 +178,30 @@ def output_errors(
     return pd.DataFrame(rows).set_index("scheme")
 
 
+class _Captured(Exception):
+    """Raised by capture_input's hook: the rest of the model need not run."""
+
+
 @torch.inference_mode()
 def capture_input(model, module: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The input `module` receives while `model` runs on `input_ids` (detached)."""
+    """The input `module` receives while `model` runs on `input_ids` (detached). The forward
+    pass stops there: the layers after it and the output layer's logits (tokens × vocabulary,
+    200 MB in fp32 for 1,024 of SmolLM2's tokens) are never computed."""
     captured = []
-    hook = module.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+
+    def keep(mod, inp):
+        captured.append(inp[0].detach())
+        raise _Captured
+
+    hook = module.register_forward_pre_hook(keep)
     try:
         model(input_ids)
+    except _Captured:
+        pass
     finally:
         hook.remove()
+    if not captured:
+        raise ValueError("the module never ran in the model's forward pass: pass one of its layers")
     return captured[0]
 
 

@@ -360,3 +360,20 @@ def test_output_errors_known_answers():
 def test_outlier_ratios_carry_int8_errors_per_tensor_and_channel():
     ratios = quant.outlier_ratios(models.llama_from_config(**TINY))
     assert (ratios["int8 error, per channel"] <= ratios["int8 error, per tensor"]).all()
+
+
+def test_captured_input_is_what_the_module_receives_and_stops_the_forward():
+    model = models.llama_from_config(**TINY)
+    ids = torch.randint(0, 512, (1, 5))
+    target, seen = model.model.layers[1].mlp.down_proj, []
+    hook = target.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    with torch.inference_mode():
+        model(ids)
+    hook.remove()
+    heads = []
+    hook = model.lm_head.register_forward_hook(lambda *a: heads.append(1))
+    torch.testing.assert_close(quant.capture_input(model, target, ids), seen[0])
+    hook.remove()
+    assert heads == []  # the output layer never ran
+    with pytest.raises(ValueError, match="never ran"):
+        quant.capture_input(model, torch.nn.Linear(4, 4), ids)
