@@ -50,7 +50,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: setup vllm lint
-	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
+	$(PY) -m pytest --durations=15 --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
