@@ -41,7 +41,7 @@ LAYERS = {
         "kvquant",
     },
     "probes": {"overhead", "roofline", "profile"},
-    "lab": {"plots", "widgets", "exercises", "workbook"},
+    "lab": {"plots", "widgets", "exercises", "workbook", "workbook_one_device", "workbook_serving"},
 }
 RANK = {module: i for i, names in enumerate(LAYERS.values()) for module in names}
 
