@@ -14,6 +14,7 @@ MODULES = sorted(p.stem for p in HELPERS.glob("*.py") if p.stem != "__init__")
 # engine → probes of this machine → the lab (what only notebooks use).
 LAYERS = {
     "facts": {
+        "prediction",
         "checks",
         "shapes",
         "planner",
