@@ -33,6 +33,7 @@ running 90 s after that is stopped (so the command ends inside the device tool's
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -122,10 +123,7 @@ def gpu_used_bytes() -> float:
     return float("nan") if view is None else view["used"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(ROOT / "tools"))
-    import run_notebooks
-
+def parse_args(argv, run_notebooks) -> argparse.Namespace:
     parser = run_notebooks.parser_with_only(__doc__.split("\n")[0])
     parser.add_argument(
         "--out",
@@ -139,58 +137,75 @@ def main(argv: list[str] | None = None) -> int:
         default=300,
         help="start no notebook after this many seconds (default 300)",
     )
-    args = parser.parse_args(argv)
-    start = time.monotonic()
-    wheels = install_wheels()
-    source = offline_environment()
-    import pandas as pd
+    return parser.parse_args(argv)
+
+
+def provenance_of(facts: dict, source: str, wheels: list) -> dict:
     import torch
 
-    from helpers import device
-
-    facts = device.describe()
-    name = slug(facts.get("gpu", ""))
-    gpu = name != "cpu"
-    executed_dir = ROOT / "build" / f"{name}_notebooks"
-    executed_dir.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary_csv = args.out / f"{name}_notebooks.csv"
-    verdicts_csv = args.out / f"{name}_verdicts.csv"
-    provenance = {
+    return {
         "device": facts.get("gpu", facts.get("cpu", "cpu")), "torch": torch.__version__,
         "transformers": facts.get("transformers", ""), "python": platform.python_version(),
         "model_source": source, "carried_wheels": len(wheels),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "script": "tools/gpu_notebooks.py",
     }  # fmt: skip
-    print(f"{provenance['device']}: torch {torch.__version__}, model source {source}, "
+
+
+def run_one(run_notebooks, nb: Path, executed_dir: Path, gpu: bool, limit_s: float) -> dict:
+    """Execute one notebook; its peak GPU memory is counted above what was in use before it."""
+    print(f"running {nb.name} …", flush=True)
+    (executed_dir / nb.name).unlink(missing_ok=True)  # no verdicts from an earlier run
+    baseline = gpu_used_bytes() if gpu else float("nan")
+    samplers = {"peak_gpu_used_bytes": gpu_used_bytes} if gpu else {}
+    row = run_notebooks.run(nb, executed_dir, html=False, extra_samplers=samplers, limit_s=limit_s)
+    row["peak_gpu_bytes"] = row.pop("peak_gpu_used_bytes", float("nan")) - baseline
+    row["result"] = "pass" if row["passed"] else "FAIL"
+    row["result"] += " (timed out)" if row["timed_out"] else ""
+    return row
+
+
+def write_tables(rows, verdicts, provenance, summary_csv: Path, verdicts_csv: Path) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame([{**r, **provenance} for r in rows])
+    first = ["notebook", "result", "wall_s", "peak_gpu_bytes", "peak_rss_bytes"]
+    table = table[[c for c in first if c in table] + [c for c in table if c not in first]]
+    table.to_csv(summary_csv, index=False)
+    if verdicts:
+        pd.DataFrame(verdicts).to_csv(verdicts_csv, index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import run_notebooks
+
+    args = parse_args(argv, run_notebooks)
+    start = time.monotonic()
+    wheels = install_wheels()
+    source = offline_environment()
+    from helpers import device
+
+    facts = device.describe()
+    name = slug(facts.get("gpu", ""))
+    executed_dir = ROOT / "build" / f"{name}_notebooks"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary_csv = args.out / f"{name}_notebooks.csv"
+    verdicts_csv = args.out / f"{name}_verdicts.csv"
+    provenance = provenance_of(facts, source, wheels)
+    print(f"{provenance['device']}: torch {provenance['torch']}, model source {source}, "
           f"{len(wheels)} carried wheels", flush=True)  # fmt: skip
     rows, verdicts = [], []
     for nb in run_notebooks.select(run_notebooks.all_notebooks(), args.only):
         if time.monotonic() - start > args.budget_s:
             rows.append({"notebook": nb.stem, "passed": None, "result": "skipped (time budget)"})
         else:
-            print(f"running {nb.name} …", flush=True)
-            executed = executed_dir / nb.name
-            executed.unlink(missing_ok=True)  # no verdicts from an earlier run
-            baseline = gpu_used_bytes() if gpu else float("nan")
-            samplers = {"peak_gpu_used_bytes": gpu_used_bytes} if gpu else {}
             limit = args.budget_s + 90 - (time.monotonic() - start)  # the last may overrun
-            row = run_notebooks.run(
-                nb, executed_dir, html=False, extra_samplers=samplers, limit_s=limit
-            )
-            row["peak_gpu_bytes"] = row.pop("peak_gpu_used_bytes", float("nan")) - baseline
-            row["result"] = "pass" if row["passed"] else "FAIL"
-            row["result"] += " (timed out)" if row["timed_out"] else ""
-            rows.append(row)
-            if executed.exists():
-                verdicts += [{**v, **provenance} for v in verdict_rows(executed)]
-        table = pd.DataFrame([{**r, **provenance} for r in rows])
-        first = ["notebook", "result", "wall_s", "peak_gpu_bytes", "peak_rss_bytes"]
-        table = table[[c for c in first if c in table] + [c for c in table if c not in first]]
-        table.to_csv(summary_csv, index=False)
-        if verdicts:
-            pd.DataFrame(verdicts).to_csv(verdicts_csv, index=False)
+            rows.append(run_one(run_notebooks, nb, executed_dir, name != "cpu", limit))
+            if (executed_dir / nb.name).exists():
+                verdicts += [{**v, **provenance} for v in verdict_rows(executed_dir / nb.name)]
+        write_tables(rows, verdicts, provenance, summary_csv, verdicts_csv)
         copy_back([summary_csv, verdicts_csv, *executed_dir.glob("*.ipynb")])
     print("\n" + run_notebooks.summary([r for r in rows if r.get("passed") is not None]))
     print(f"summary: {summary_csv}; executed notebooks: {executed_dir}")
