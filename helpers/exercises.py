@@ -64,7 +64,7 @@ def _number(question: str, answer, unit: str | None) -> float:
     if size == 1 and hasattr(answer, "item"):  # a NumPy or torch scalar in an array
         answer = answer.item()
     if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
-        how = f"in {unit}" if unit else "with its unit given as unit=..., e.g. unit='GB'"
+        how = f"in {unit}" if unit else "in the unit the question names"
         raise TypeError(
             f"{question}: the answer must be one number ({how}), got {type(answer).__name__} "
             f"{answer!r:.60}"

@@ -151,3 +151,29 @@ def test_published_pages_open_with_the_machine_and_date(tmp_path):
     with pytest.raises(ValueError, match="nbconvert"):
         page.write_text("no body")
         publish.publish(page, out_dir, "x")
+
+
+@pytest.mark.parametrize(
+    "bad", ["13.5", [13.5], (13.5,), {"ms": 13.5}, "np-pair", "tensor-pair"], ids=repr
+)
+def test_an_answer_that_is_not_one_number_names_the_expected_type(bad):
+    import numpy as np
+    import torch
+
+    bad = {"np-pair": np.array([13.5, 1.0]), "tensor-pair": torch.tensor([13.5, 1.0])}.get(
+        bad if isinstance(bad, str) else "", bad
+    )
+    given, _ = COMPUTE["00.bf16-floor"]
+    named = r"must be one number \(in the unit the question names\), got "
+    with pytest.raises(TypeError, match=named) as raised:
+        workbook.answer("00.bf16-floor", bad, **given)
+    assert "\n" not in str(raised.value)  # one line
+
+
+def test_one_number_in_an_array_or_tensor_is_accepted():
+    import numpy as np
+    import torch
+
+    given, known = COMPUTE["00.bf16-floor"]
+    for value in (np.float64(known), np.array([known]), torch.tensor(known)):
+        assert workbook.answer("00.bf16-floor", value, **given) is True
