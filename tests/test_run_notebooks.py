@@ -214,3 +214,23 @@ def test_summary_shows_a_servers_memory_apart():
              "server_peak_rss_bytes": 4.0 * 2**30}]  # fmt: skip
     text = run_notebooks.summary(rows)
     assert "1.00 GiB" in text and "4.00 GiB" in text and "5.00 GiB" not in text
+
+
+def test_run_times_table_counts_the_server_apart(tmp_path):
+    import pandas as pd
+
+    gib = 2**30
+    rows = [
+        {"notebook": "00_a", "passed": True, "wall_s": 60.0, "peak_rss_bytes": 1.5 * gib,
+         "load_avg_1m_before": 0.1},
+        {"notebook": "06_b", "passed": False, "wall_s": 200.0, "peak_rss_bytes": 5.0 * gib,
+         "kernel_peak_rss_bytes": 1.25 * gib, "server_peak_rss_bytes": 3.75 * gib,
+         "load_avg_1m_before": 0.2},
+    ]  # fmt: skip
+    path = tmp_path / "run_times.csv"
+    run_notebooks.write_run_times(rows, path)
+    table = pd.read_csv(path).set_index("notebook")
+    assert table.loc["00_a", ["kernel_peak_gib", "server_peak_gib"]].tolist() == [1.5, 0.0]
+    assert table.loc["06_b", ["kernel_peak_gib", "server_peak_gib"]].tolist() == [1.25, 3.75]
+    assert table.loc["06_b", "passed"] == False  # noqa: E712 (a stored failure stays one)
+    assert table.machine.notna().all() and table.date.notna().all()

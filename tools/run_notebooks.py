@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 POLL_S = 0.1
+RUN_TIMES = BUILD / "run_times.csv"
 
 
 def tree_rss(root) -> int:
@@ -210,6 +212,38 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_run_times(rows: list[dict], path: Path) -> None:
+    """The run's wall time and peak memory per notebook, with the machine and date: README's
+    teachers' table quotes a stored copy of it (data/measured/cpu_*_run_times.csv)."""
+    import datetime
+
+    import pandas as pd
+
+    from helpers import device
+
+    f = device.describe()
+    cpu = (
+        f"{f['cpu']} ({f['cpu vector ISA (torch)']}, matrix extensions: "
+        f"{f['cpu matrix extensions']}; {f['cpu cores (logical)']} cores; {f['caches']})"
+    )
+    gib = 2**30
+    table = pd.DataFrame(rows)
+    none = pd.Series(float("nan"), index=table.index)
+    kernel = table.get("kernel_peak_rss_bytes", none).fillna(table.peak_rss_bytes)
+    server = table.get("server_peak_rss_bytes", none).fillna(0.0)
+    table = table.assign(
+        kernel_peak_gib=(kernel / gib).round(2),
+        server_peak_gib=(server / gib).round(2),
+        machine=f.get("gpu", cpu),
+        torch=f["torch"],
+        date=datetime.date.today().isoformat(),
+        source="tools/run_notebooks.py (make run), each notebook in a fresh kernel",
+    )
+    columns = ["notebook", "passed", "wall_s", "kernel_peak_gib", "server_peak_gib"]
+    rest = ["load_avg_1m_before", "machine", "torch", "date", "source"]
+    table[columns + rest].to_csv(path, index=False)
+
+
 def parser_with_only(description: str) -> argparse.ArgumentParser:
     """An argument parser with the --only NAME option (repeatable) that `select` reads."""
     parser = argparse.ArgumentParser(description=description)
@@ -234,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for nb in select(all_notebooks(), args.only):
         print(f"running {nb.name} …", flush=True)
-        rows.append(run(nb))
+        load = os.getloadavg()[0]
+        rows.append({**run(nb), "load_avg_1m_before": load})
     print("\n" + summary(rows))
+    write_run_times(rows, RUN_TIMES)
     print(f"executed copies (.ipynb, .html) and figures are in {BUILD.relative_to(ROOT)}/")
     return 0 if all(r["passed"] for r in rows) else 1
 
