@@ -25,7 +25,16 @@ LAYERS = {
         "stepmodel",
         "serving_metrics",
     },
-    "measurement": {"device", "bench", "memory", "noise", "loadgen"},
+    "measurement": {
+        "device",
+        "bench",
+        "memory",
+        "memory_readings",
+        "memory_search",
+        "memory_timing",
+        "noise",
+        "loadgen",
+    },
     "engine": {
         "models",
         "decode",

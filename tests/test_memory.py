@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import memory, shapes
+from helpers import memory, memory_timing, shapes
 from helpers.device import streamed_size
 
 
@@ -351,8 +351,8 @@ def test_copy_sweep_reaches_past_the_last_level_cache():
 
 def test_copy_sweep_stays_within_its_memory_on_a_huge_cache(monkeypatch):
     huge = 480 * 2**20  # a 480 MiB L3: streaming past it would take ~1 GiB of buffers
-    monkeypatch.setattr(memory, "last_level_cache", lambda device=None: huge)
-    monkeypatch.setattr(memory, "streamed_size", lambda d, at_least, buffers: (huge, True))
+    monkeypatch.setattr(memory_timing, "last_level_cache", lambda device=None: huge)
+    monkeypatch.setattr(memory_timing, "streamed_size", lambda d, at_least, buffers: (huge, True))
     sweep = memory.copy_sweep(repeats=1, most_bytes=4 * 2**20)
     assert sweep["size"].max() == 2 * 2**20  # two buffers of 2 MiB: the cap, not the cache
     assert sweep.attrs["streamed"] is False
