@@ -52,7 +52,7 @@ class Results(list):
         self.peak_rss_bytes: list[int] = list(peaks)  # each rank's peak resident memory
 
 
-# the process-group backends a launch can use (not quant.BACKENDS, which are quantizers)
+# the process-group backends a launch can use (not quant_backends.BACKENDS, which are quantizers)
 COLLECTIVE_BACKENDS = ("gloo", "nccl")
 
 

@@ -320,7 +320,7 @@ def quant_speed(speed, floors, compiled=None, reference: str = "fp32") -> plt.Fi
     at its right end; `reference`'s measurement in grey in every other panel; `compiled` rows
     (backend, batch, tpot_s and quartiles) as hollow squares. The key sits below the panels.
 
-    `speed`: one row per backend × batch with ms, q1_ms, q3_ms (`quant.measure_backends`);
+    `speed`: one row per backend × batch with ms, q1_ms, q3_ms (`quant_backends.measure_backends`);
     `floors`: rows of backend, batch, floor_ms, with_overhead_ms (a dense batch grid, so the bend
     at the ridge shows)."""
     names = list(dict.fromkeys(speed.backend))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from helpers import memory, memory_timing, shapes
-from helpers.device import streamed_size
+from helpers.device import last_level_cache, streamed_size
 
 
 def test_weight_bytes_of_a_linear_layer():
@@ -344,8 +344,9 @@ def test_check_says_the_unit_belongs_to_the_budget(capsys):
 def test_copy_sweep_reaches_past_the_last_level_cache():
     sweep = memory.copy_sweep(repeats=2)
     assert sweep["size"].iloc[0] == 256 * 2**10 and sweep["size"].is_monotonic_increasing
-    top = streamed_size("cpu", 64 * 2**20, buffers=2)[0]
+    top = min(streamed_size("cpu", 64 * 2**20, buffers=2)[0], 128 * 2**20)  # most_bytes / 2
     assert sweep["size"].iloc[-1] == top and (sweep.value > 0).all()
+    assert sweep.attrs["streamed"] == (2 * top >= 2 * last_level_cache("cpu"))
     assert set(sweep.ceiling) == {"copy"}
 
 

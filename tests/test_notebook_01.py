@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import plots, quant
+from helpers import plots, quant, quant_linears
 from tests.notebook_defs import definitions
 
 nb = definitions("01_quantization")
@@ -71,11 +71,11 @@ def test_the_linear_forward_equals_the_helper_layers():
     w = linear.weight.detach()
     y8 = nb.quantized_linear(x, nb.dequantize_int8(*nb.quantize_int8(w)), linear.bias)
     assert y8.shape == (2, 3, 48)
-    layer8 = quant.Int8WeightOnlyLinear(linear, compute_dtype=torch.float32, packed=False)
+    layer8 = quant_linears.Int8WeightOnlyLinear(linear, compute_dtype=torch.float32, packed=False)
     torch.testing.assert_close(layer8(x), y8, rtol=1e-5, atol=1e-5)
     y4 = nb.quantized_linear(x, nb.dequantize_int4(*nb.quantize_int4(w)), linear.bias)
     for packed in (False, True):  # the readable path and PyTorch's packed CPU kernel
-        layer4 = quant.Int4WeightOnlyLinear(linear, group_size=64, packed=packed)
+        layer4 = quant_linears.Int4WeightOnlyLinear(linear, group_size=64, packed=packed)
         torch.testing.assert_close(layer4(x), y4, rtol=0.02, atol=0.02)  # bf16 activations
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from helpers import memory, models, quant, shapes
+from helpers import memory, models, quant, quant_backends, quant_linears, shapes
 
 torch.manual_seed(0)
 
@@ -45,11 +45,11 @@ def test_error_shrinks_with_more_bits():
 
 def test_quantized_linear_sizes_equal_the_formula():
     linear = torch.nn.Linear(256, 96, bias=False)
-    int8 = quant.Int8WeightOnlyLinear(linear)
+    int8 = quant_linears.Int8WeightOnlyLinear(linear)
     assert (
         memory.weight_bytes(int8, include_buffers=True) == 96 * 256 * 1 + 96 * 2
     )  # int8 values + one bf16 scale per row
-    int4 = quant.Int4WeightOnlyLinear(linear, group_size=64)
+    int4 = quant_linears.Int4WeightOnlyLinear(linear, group_size=64)
     groups = 256 // 64
     assert (
         memory.weight_bytes(int4, include_buffers=True) == 96 * 256 // 2 + groups * 96 * 2 * 2
@@ -60,16 +60,18 @@ def test_quantized_linears_compute_the_dequantized_product():
     linear = torch.nn.Linear(128, 64, bias=False)
     x = torch.randn(3, 128)
     w8 = quant.fake_quantize(linear.weight.detach(), bits=8, granularity="channel")
-    y8 = quant.Int8WeightOnlyLinear(linear, compute_dtype=torch.float32)(x)
+    y8 = quant_linears.Int8WeightOnlyLinear(linear, compute_dtype=torch.float32)(x)
     torch.testing.assert_close(y8, x @ w8.T, rtol=1e-4, atol=1e-4)
     # int4: `quantize` with zero points, one scale and zero per group of 64
     w4 = quant.fake_quantize(linear.weight.detach(), bits=4, group_size=64, symmetric=False)
     for packed in (True, False):
-        y4 = quant.Int4WeightOnlyLinear(linear, group_size=64, packed=packed)(x)
+        y4 = quant_linears.Int4WeightOnlyLinear(linear, group_size=64, packed=packed)(x)
         torch.testing.assert_close(y4, x @ w4.T, rtol=0.02, atol=0.02)  # bf16 activations, scales
 
 
-@pytest.mark.parametrize("make", [quant.Int8WeightOnlyLinear, quant.Int4WeightOnlyLinear])
+@pytest.mark.parametrize(
+    "make", [quant_linears.Int8WeightOnlyLinear, quant_linears.Int4WeightOnlyLinear]
+)
 def test_the_readable_path_matches_the_packed_kernel(make):
     linear = torch.nn.Linear(256, 96, bias=True)
     x = torch.randn(2, 5, 256)
@@ -82,15 +84,15 @@ def test_the_readable_path_matches_the_packed_kernel(make):
 def test_int4_readable_weights_are_the_quantizer_s():
     linear = torch.nn.Linear(128, 32, bias=False)
     w4 = quant.fake_quantize(linear.weight.detach(), bits=4, group_size=64, symmetric=False)
-    layer = quant.Int4WeightOnlyLinear(linear, packed=False)
+    layer = quant_linears.Int4WeightOnlyLinear(linear, packed=False)
     torch.testing.assert_close(layer.dequantized_weight().float(), w4, rtol=0.01, atol=2e-3)
 
 
 @pytest.mark.parametrize(
     ("make", "op"),
     [
-        (quant.Int8WeightOnlyLinear, "_weight_int8pack_mm"),
-        (quant.Int4WeightOnlyLinear, "_weight_int4pack_mm_for_cpu"),
+        (quant_linears.Int8WeightOnlyLinear, "_weight_int8pack_mm"),
+        (quant_linears.Int4WeightOnlyLinear, "_weight_int4pack_mm_for_cpu"),
     ],
 )
 def test_without_the_kernel_the_linears_dequantize_then_matmul(monkeypatch, make, op):
@@ -128,10 +130,10 @@ def test_predicted_weight_bytes_match_the_measured(backend):
     def load(dtype):
         return models.llama_from_config(dtype=dtype, **TINY)
 
-    model, note = quant.load_backend(backend, load, "cpu")
+    model, note = quant_backends.load_backend(backend, load, "cpu")
     if model is None:
         pytest.skip(note)
-    predicted = quant.predicted_weight_bytes(shapes.Shape.of(TINY), backend)
+    predicted = quant_backends.predicted_weight_bytes(shapes.Shape.of(TINY), backend)
     measured = memory.weight_bytes(model, include_buffers=True)
     # per-row int8 scales (torchao: and zero points) are left out of the prediction: < 3 % of
     # this tiny model's 128-wide rows (< 1 % of SmolLM2's 576-wide and wider rows)
@@ -140,13 +142,17 @@ def test_predicted_weight_bytes_match_the_measured(backend):
 
 def test_predicted_weight_bytes_say_what_stays_16_bit():
     shape = shapes.Shape.of("smollm2-135m")
-    parts = quant.predicted_weight_bytes(shape, "int4 weight-only (PyTorch op)")
+    parts = quant_backends.predicted_weight_bytes(shape, "int4 weight-only (PyTorch op)")
     assert list(parts) == ["attention + MLP linears (int4)", "embeddings + norms (bf16)"]
     linears = shape.components()["attention"] + shape.components()["mlp"]
     assert parts["attention + MLP linears (int4)"] == linears * (0.5 + 4 / 64)
-    old = quant.predicted_weight_bytes(shape, "torch.ao dynamic int8 (deprecated)")  # all Linears
+    old = quant_backends.predicted_weight_bytes(
+        shape, "torch.ao dynamic int8 (deprecated)"
+    )  # all Linears
     assert old["lm_head, an untied copy of the embeddings (int8)"] == 49152 * 576
-    untied = quant.predicted_weight_bytes(shapes.Shape.of("llama-2-7b"), "int8 (bitsandbytes)")
+    untied = quant_backends.predicted_weight_bytes(
+        shapes.Shape.of("llama-2-7b"), "int8 (bitsandbytes)"
+    )
     assert untied["lm_head (fp16)"] == 32000 * 4096 * 2
 
 
@@ -156,7 +162,9 @@ def test_measure_backends_one_row_each_with_spreads():
 
     ids = torch.randint(0, 512, (65,))
     names = ["fp32", "int8 weight-only (PyTorch op)", "nf4 (bitsandbytes)"]
-    frame, speed = quant.measure_backends(load, "cpu", ids, [1, 2], names, compare_positions=16)
+    frame, speed = quant_backends.measure_backends(
+        load, "cpu", ids, [1, 2], names, compare_positions=16
+    )
     assert list(frame.index) == names
     assert frame.loc["fp32", "top1_agreement"] == 1.0
     assert frame.loc["nf4 (bitsandbytes)", "status"].startswith("unsupported here")
@@ -173,7 +181,7 @@ def test_measure_backends_compares_against_fp32_whatever_runs_first():
 
     ids = torch.randint(0, 512, (33,))
     names = ["int8 weight-only (PyTorch op)", "fp32"]
-    frame, _ = quant.measure_backends(load, "cpu", ids, [1], names, compare_positions=16)
+    frame, _ = quant_backends.measure_backends(load, "cpu", ids, [1], names, compare_positions=16)
     assert frame.loc["fp32", "kl_vs_fp32"] == 0.0  # fp32 against itself, though measured second
     assert frame.loc["int8 weight-only (PyTorch op)", "kl_vs_fp32"] > 0
 
@@ -191,7 +199,9 @@ def test_measure_backends_records_out_of_memory():
         return model
 
     ids = torch.randint(0, 512, (33,))
-    frame, speed = quant.measure_backends(load, "cpu", ids, [1, 2], ["fp32"], compare_positions=8)
+    frame, speed = quant_backends.measure_backends(
+        load, "cpu", ids, [1, 2], ["fp32"], compare_positions=8
+    )
     row, ms = frame.iloc[0], speed.set_index("batch").ms
     assert row.status == "ok" and row["out of memory at batch"] == "2"
     assert ms[1] > 0 and math.isnan(ms[2]) and speed.oom.tolist() == [False, True]
@@ -259,33 +269,37 @@ def test_agreement_and_kl():
 
 
 def test_unsupported_backends_say_why():
-    model, note = quant.load_backend("nf4 (bitsandbytes)", None, torch.device("cpu"))
+    model, note = quant_backends.load_backend("nf4 (bitsandbytes)", None, torch.device("cpu"))
     assert model is None and note == "unsupported here: bitsandbytes needs a CUDA GPU"
     with pytest.raises(ValueError, match=r"Unknown backend 'int3'; use one of \[.*'bf16'"):
-        quant.load_backend("int3", None, torch.device("cpu"))
-    model, note = quant.load_backend("NF4 (bitsandbytes)", None, "cpu")  # any case, a device name
+        quant_backends.load_backend("int3", None, torch.device("cpu"))
+    model, note = quant_backends.load_backend(
+        "NF4 (bitsandbytes)", None, "cpu"
+    )  # any case, a device name
     assert model is None and "CUDA" in note
 
 
 def test_int8_dynamic_is_skipped_on_cpus_without_int8_dot_products(monkeypatch):
-    from helpers import quant
-
-    backend = quant.BACKENDS["int8 dynamic (torchao)"]
-    monkeypatch.setattr(quant, "cpu_has_int8_dot_product", lambda: False)
+    backend = quant_backends.BACKENDS["int8 dynamic (torchao)"]
+    torchao_only = quant_backends.BACKENDS["int8 weight-only (torchao)"]  # needs torchao alone
+    monkeypatch.setattr(quant_backends, "cpu_has_int8_dot_product", lambda: False)
     assert "VNNI" in backend.why_unsupported(torch.device("cpu"))
-    monkeypatch.setattr(quant, "cpu_has_int8_dot_product", lambda: True)
-    assert backend.why_unsupported(torch.device("cpu")) == quant._torchao(torch.device("cpu"))
+    monkeypatch.setattr(quant_backends, "cpu_has_int8_dot_product", lambda: True)
+    cpu = torch.device("cpu")
+    assert backend.why_unsupported(cpu) == torchao_only.why_unsupported(cpu)
 
 
 def test_a_decode_step_reads_one_embedding_row_per_sequence_and_the_whole_tied_head():
     shape = shapes.Shape.of("smollm2-135m")  # tied embeddings: the head is the embedding matrix
-    parts = quant.step_bytes(shape, "bf16", batch=4, context=16)
+    parts = quant_backends.step_bytes(shape, "bf16", batch=4, context=16)
     assert parts["4 embedding rows (bf16)"] == 4 * 576 * 2
     assert parts["lm_head (bf16)"] == 49152 * 576 * 2  # read whole, in the backend's format
     assert parts["KV cache (bf16)"] == shapes.kv_cache_bytes(shape, 4, 16, 2)
     linears = shape.components()["attention"] + shape.components()["mlp"]
     assert parts["attention + MLP linears (bf16)"] == linears * 2
-    old = quant.step_bytes(shape, "torch.ao dynamic int8 (deprecated)", batch=1, context=16)
+    old = quant_backends.step_bytes(
+        shape, "torch.ao dynamic int8 (deprecated)", batch=1, context=16
+    )
     assert old["lm_head (int8)"] == 49152 * 576 and old["1 embedding row (fp32)"] == 576 * 4
 
 
@@ -294,11 +308,11 @@ def test_step_flops_count_two_per_weight_and_attention_over_the_context():
     parts = shape.components()
     weights = parts["attention"] + parts["mlp"] + shape.vocab * shape.hidden
     attention = 4 * shape.layers * shape.heads * shape.head_dim * 10
-    assert quant.step_flops(shape, batch=3, context=10) == 3 * (2 * weights + attention)
+    assert quant_backends.step_flops(shape, batch=3, context=10) == 3 * (2 * weights + attention)
 
 
 def test_compute_formats():
-    formats = {n: b.compute_format for n, b in quant.BACKENDS.items()}
+    formats = {n: b.compute_format for n, b in quant_backends.BACKENDS.items()}
     assert formats["fp32"] == "fp32" and formats["int8 weight-only (PyTorch op)"] == "bf16"
     assert (
         formats["int8 dynamic (torchao)"] == "int8" == formats["torch.ao dynamic int8 (deprecated)"]
@@ -318,19 +332,19 @@ def test_weight_scales_are_read_from_the_quantized_layers():
         "int8 weight-only (torchao)": "per channel",
     }
     for name, scales in expected.items():
-        model, note = quant.load_backend(name, load, "cpu")
+        model, note = quant_backends.load_backend(name, load, "cpu")
         if model is not None:
-            assert quant.weight_scales(model) == scales
-    old = quant.weight_scales(quant.torch_ao_dynamic(load))
+            assert quant_linears.weight_scales(model) == scales
+    old = quant_linears.weight_scales(quant_linears.torch_ao_dynamic(load))
     assert old.startswith("per tensor (qscheme torch.per_tensor")
-    channel = quant.weight_scales(quant.torch_ao_dynamic(load, per_channel=True))
+    channel = quant_linears.weight_scales(quant_linears.torch_ao_dynamic(load, per_channel=True))
     assert channel.startswith("per channel (qscheme torch.per_channel")
 
 
 @pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
 def test_torch_ao_linear_leaves_the_given_layer_alone():
     linear = torch.nn.Linear(64, 32, bias=False).bfloat16()
-    layer = quant.torch_ao_dynamic_linear(linear)
+    layer = quant_linears.torch_ao_dynamic_linear(linear)
     assert linear.weight.dtype == torch.bfloat16
     x = torch.randn(5, 64)
     exact = x @ linear.weight.float().T

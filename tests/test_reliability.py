@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import device, memory, models, quant, shapes
+from helpers import device, memory, models, quant, quant_linears, shapes
 
 W = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
 
@@ -97,7 +97,7 @@ def test_nan_or_inf_in_weights_is_reported_not_spread(bad):
     layer = torch.nn.Linear(128, 8, bias=False)
     with torch.no_grad():
         layer.weight[0, 0] = bad
-    for quantized in (quant.Int8WeightOnlyLinear, quant.Int4WeightOnlyLinear):
+    for quantized in (quant_linears.Int8WeightOnlyLinear, quant_linears.Int4WeightOnlyLinear):
         with pytest.raises(ValueError, match="w holds 1 NaN/inf"):
             quantized(layer)
 

@@ -5,7 +5,7 @@ one."""
 import pytest
 import torch
 
-from helpers import exercises, memory, quant, workbook
+from helpers import exercises, memory, quant, quant_linears, workbook
 
 TESTED = {"01.int4-bytes", "01.int8-error", "01.group-128-error", "01.bits-or-groups"}
 
@@ -31,7 +31,7 @@ def test_int4_bytes(capsys):
 
 
 def test_int4_bytes_are_what_the_course_s_int4_layer_stores():
-    layer = quant.Int4WeightOnlyLinear(torch.nn.Linear(256, 48, bias=False), group_size=64)
+    layer = quant_linears.Int4WeightOnlyLinear(torch.nn.Linear(256, 48, bias=False), group_size=64)
     expected = exercises.BANK["01.int4-bytes"].expected(48, 256, 64)
     assert memory.weight_bytes(layer, include_buffers=True) == expected == 48 * 128 + 48 * 4 * 4
 
