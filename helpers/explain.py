@@ -95,3 +95,205 @@ def biggest_miss(parts) -> str:
         f"predicted. The biggest miss is **{worst.category}**: {worst.measured_ms:.1f} ms "
         f"measured vs {worst.predicted_ms:.1f} ms predicted, {gap.max():.1f} ms of the step."
     )
+
+
+# --- Notebook 04: batching, precision, the frontier and the planner -------------------------
+
+KNEE = 1.5  # the knee: the first batch whose step passes 1.5× the smallest batch's
+WITHIN = 0.25  # the planner's accuracy the course asks for: ±25 %
+
+
+def batch_or_past(batch: int | None, last: int) -> str:
+    """A batch a rule found, or '> last' when it found none up to the last batch tried."""
+    return f"> {last}" if batch is None else f"{batch}"
+
+
+def knee_in_sweep(knee: int | None, first_batch: int) -> str:
+    """Where TPOT first passed `KNEE`× its value at the sweep's first batch, if it did."""
+    if knee is None:
+        return f"TPOT stayed within {KNEE}× of batch {first_batch} over the whole sweep"
+    return f"TPOT first exceeds {KNEE}× its batch-{first_batch} value at batch **{knee}**"
+
+
+def knee_predictor(miss: Mapping[str, float]) -> str:
+    """Which knee prediction ("ridge point" or "skinny roof") the measured knee followed more
+    closely, `miss` holding each one's |log2(predicted ÷ measured knee)|, and what that says."""
+    closer = min(miss, key=miss.get)
+    head = (
+        f"This machine follows the **{closer}** prediction more closely (a factor "
+        f"{2 ** miss[closer]:.1f} from the measured knee, against {2 ** max(miss.values()):.1f}): "
+    )
+    if closer == "skinny roof":
+        return head + (
+            "the products' measured rate, not the peak, decides where batching stops being "
+            "free here."
+        )
+    return head + (
+        "the products reach close to the peak rate soon enough that the ridge point decides here."
+    )
+
+
+def precision_outcome(
+    other: str, base: str, note: str, step_ratio: float, peak_ratio: float, smaller: str
+) -> str:
+    """Why `other`'s steps took `step_ratio`× `base`'s: emulated (its `note` from notebook 00's
+    ceilings says so), or computed natively, where the format with fewer bytes (`smaller`) paid
+    off when its steps were the faster ones. `peak_ratio`: base's matmul peak ÷ other's."""
+    if note.startswith("emulated"):
+        return (
+            f"{other} is emulated (converted and computed in a wider format) on this machine: "
+            f"its steps cost up to {peak_ratio:.1f}× more compute, which the halved bytes cannot "
+            "repay, and the rows are kept as a measurement of that emulation."
+        )
+    head = (
+        f"both formats are computed natively here, and {other}'s steps took a median "
+        f"{step_ratio:.2f}× {base}'s: "
+    )
+    if (step_ratio < 1) == (smaller == other):
+        return head + f"{smaller}'s fewer bytes paid off."
+    return head + (
+        f"{smaller}'s fewer bytes did not pay off: a decode step's skinny products are set by how "
+        "fast their kernels stream weights, which the square-matmul peak does not measure."
+    )
+
+
+def slower_of(base: str, other: str, step_ratio: float) -> str:
+    """The precision whose steps took longer, `step_ratio` being other's step ÷ base's."""
+    return base if step_ratio < 1 else other
+
+
+def fp8_here(fp8_cores: bool) -> str:
+    """Why this run's frontier has no fp8 point."""
+    if fp8_cores:
+        return (
+            "this GPU has fp8 tensor cores, but the course has no fp8 linear layer to measure yet."  # noqa: E501
+        )
+    return (
+        "not on this frontier: no fp8 matmul units on this device (fp8 tensor cores need a GPU "
+        "of compute capability 8.9+)."
+    )
+
+
+def frontier_knobs(pairs: int) -> str:
+    """What the number of precision × engine pairs on the frontier says about the knobs."""
+    if pairs > 1:
+        return f"{pairs} precision × engine pairs sit on this machine's frontier, so a knob other than batch moves it."  # noqa: E501
+    return f"{pairs} precision × engine pair sits on this machine's frontier, so here batch alone picks the operating point."  # noqa: E501
+
+
+def calibration_physical(efficiency: float, overhead_s: float, shortest_step_s: float) -> str:
+    """Whether a calibrated engine is physical: an efficiency at most 1× the measured bandwidth
+    and an overhead below the shortest measured step; else which of the two it broke."""
+    broken = []
+    if efficiency > 1:
+        broken.append(f"an efficiency of {efficiency:.2f}× the measured bandwidth")
+    if overhead_s >= shortest_step_s:
+        broken.append(
+            f"an overhead of {overhead_s * 1e3:.1f} ms, above the shortest measured step "
+            f"({shortest_step_s * 1e3:.1f} ms)"
+        )
+    if not broken:
+        return "The fit is physical."
+    return f"**The fit is not physical** ({' and '.join(broken)}): the timings are too noisy to calibrate on."  # noqa: E501
+
+
+def planner_direction(median_error: float) -> str:
+    """A planner's median error (predicted ÷ measured − 1) in words."""
+    return "too fast" if median_error < 0 else "too slow"
+
+
+def published_misses(labels: list[str]) -> str:
+    """The published rows predicted outside ±`WITHIN`, listed, or that there are none."""
+    if not labels:
+        return f"No row is missed by more than {WITHIN:.0%}."
+    return "Misses: " + "; ".join(labels) + "."
+
+
+def check_rows_missed(missed: list[str], lowest: str, share: float) -> str:
+    """The check rows' misses and the format whose implied matmul rate is the lowest share of
+    the rate the planner assumes (`lowest`, `share`), or that no check row missed."""
+    if not missed:
+        return f"No check row is missed by more than {WITHIN:.0%}."
+    return (
+        f"The misses are {', '.join(missed)}; the lowest share of the assumed matmul rate that "
+        f"published first tokens imply is {lowest}'s {share:.0%}: the rate the planner assumes "
+        "for that format is what it models poorly there."
+    )
+
+
+def throughput_miss(
+    concurrency: int,
+    share: float,
+    running_mean: float,
+    itl_one_s: float,
+    itl_p50_s: float,
+    itl_mean_s: float,
+) -> str:
+    """Why a closed loop at `concurrency` gave `share` of the memory-bound prediction
+    (concurrency ÷ the one-stream gap), split into two measured factors: how many requests the
+    engine really held (its `/metrics` mean; a short run ramps up and drains) and how much longer
+    the mean gap between tokens was than one stream's (a larger batch per step, and the steps
+    where arriving requests' prompts were prefilled, which the p50 leaves out)."""
+    held = running_mean / concurrency
+    slower = itl_mean_s / itl_one_s
+    explained = held / slower
+    text = (
+        f"Two measured factors account for it: the engine held {running_mean:.1f} requests on "
+        f"average, {held:.0%} of the {concurrency} in flight (a short run ramps up and drains), "
+        f"and the mean gap between tokens "
+        f"was {itl_mean_s * 1e3:.0f} ms against one stream's {itl_one_s * 1e3:.0f} ms "
+        f"({slower:.2f}×: p50 {itl_p50_s * 1e3:.0f} ms, the larger batch per step; the rest, "
+        "the steps where arriving prompts were prefilled). "
+        f"Together: {held:.0%} ÷ {slower:.2f} = {explained:.0%} of the prediction"
+    )
+    rest = share / explained
+    if abs(rest - 1) <= 0.25:
+        return text + f", within 25 % of the {share:.0%} measured."
+    return text + (
+        f", against {share:.0%} measured: a factor {rest:.2f} these two do not explain (the "
+        "client's own time between requests, or token counts that differ from the planned ones)."
+    )
+
+
+def engine_versus_vllm(
+    tpot_ratio: float, ttft_ratio: float, waited_s: float | None, threads: int
+) -> str:
+    """The course's engine against vLLM on the same trace: `tpot_ratio` and `ttft_ratio` are
+    course ÷ vLLM (p50s); `waited_s` the course's median queue time when it queued (else None);
+    `threads`: torch's threads in this kernel. Ratios within 10 % count as the same."""
+    text = (
+        _against_vllm(tpot_ratio, "The course engine's TPOT p50", "faster")
+        + "; "
+        + _against_vllm(ttft_ratio, "its TTFT p50", "sooner")
+        + ". "
+    )
+    if waited_s is not None:
+        text += (
+            f"Its requests waited a median {waited_s:.2f} s before they were admitted: at this "
+            "rate it ran past its own capacity (notebook 05's knee), so a queue adds to its steps. "
+        )
+    else:
+        text += "Its requests were admitted at once: the difference is a step's cost, not a queue. "
+    if tpot_ratio > 1.10:
+        return text + (
+            "vLLM's step is a compiled graph with fused attention on a paged cache; the course's "
+            "is eager PyTorch with Python around every layer (notebook 00's overhead)."
+        )
+    cores = (
+        f"this kernel runs torch on {threads} threads while vLLM-CPU gives its model worker one "
+        "core (it keeps one for its API server)"
+        if threads > 1
+        else "both run on one core, and vLLM's API server adds HTTP, tokenization and streaming"
+    )
+    return text + (
+        f"Not the prediction: vLLM's compiled step did not win here. The likely reason: {cores}. "
+        "To test it, rerun section 7 after `torch.set_num_threads(1)`."
+    )
+
+
+def _against_vllm(ratio: float, what: str, better: str) -> str:
+    if abs(ratio - 1) <= 0.10:
+        return f"{what} is within 10 % of vLLM's ({ratio:.2f}×)"
+    if ratio > 1:
+        return f"{what} is {ratio:.1f}× vLLM's"
+    return f"{what} is {ratio:.2f}× vLLM's ({1 / ratio:.1f}× {better})"

@@ -71,3 +71,82 @@ def test_biggest_miss_names_the_category_that_overran_most():
     )  # fmt: skip
     text = explain.biggest_miss(parts)
     assert "**weight matmuls**" in text and "38.0 ms of the step" in text
+
+
+# --- Notebook 04's sentences, each on both outcomes ---------------------------------------
+
+
+def test_a_knee_found_or_not_found_in_the_sweep():
+    assert explain.knee_in_sweep(8, 1) == "TPOT first exceeds 1.5× its batch-1 value at batch **8**"
+    assert "stayed within 1.5× of batch 1" in explain.knee_in_sweep(None, 1)
+    assert explain.batch_or_past(8, 32) == "8" and explain.batch_or_past(None, 32) == "> 32"
+
+
+def test_the_closer_knee_prediction_is_named_with_its_factor():
+    skinny = explain.knee_predictor({"ridge point": 3.0, "skinny roof": 0.5})
+    assert "**skinny roof**" in skinny and "factor 1.4" in skinny and "against 8.0" in skinny
+    assert "measured rate, not the peak" in skinny
+    ridge = explain.knee_predictor({"ridge point": 0.0, "skinny roof": 2.0})
+    assert "**ridge point**" in ridge and "the ridge point decides" in ridge
+
+
+def test_the_other_precision_emulated_paid_off_or_not():
+    emulated = explain.precision_outcome("bf16", "fp32", "emulated (AVX2)", 3.0, 4.0, "bf16")
+    assert "bf16 is emulated" in emulated and "up to 4.0× more compute" in emulated
+    faster = explain.precision_outcome("bf16", "fp32", "native", 0.6, 0.5, "bf16")
+    assert "median 0.60× fp32's" in faster and "bf16's fewer bytes paid off" in faster
+    slower = explain.precision_outcome("bf16", "fp32", "native", 1.2, 0.5, "bf16")
+    assert "did not pay off" in slower
+    # from bf16 to fp32: the larger format was the slower one, so the smaller paid off
+    assert "paid off." in explain.precision_outcome("fp32", "bf16", "native", 1.2, 2.0, "bf16")
+    assert explain.slower_of("fp32", "bf16", 0.6) == "fp32"
+    assert explain.slower_of("fp32", "bf16", 1.2) == "bf16"
+
+
+def test_the_frontier_knobs_and_fp8():
+    assert "a knob other than batch moves it" in explain.frontier_knobs(2)
+    assert "batch alone picks" in explain.frontier_knobs(1)
+    assert "has fp8 tensor cores" in explain.fp8_here(True)
+    assert "compute capability 8.9+" in explain.fp8_here(False)
+
+
+def test_a_calibration_is_physical_or_says_which_bound_it_broke():
+    assert explain.calibration_physical(0.8, 0.002, 0.010) == "The fit is physical."
+    too_efficient = explain.calibration_physical(1.3, 0.002, 0.010)
+    assert "not physical" in too_efficient and "1.30× the measured bandwidth" in too_efficient
+    too_slow = explain.calibration_physical(0.8, 0.012, 0.010)
+    assert "12.0 ms, above the shortest measured step (10.0 ms)" in too_slow
+    assert "bandwidth" not in too_slow
+
+
+def test_the_planner_misses_in_words():
+    assert explain.planner_direction(-0.1) == "too fast"
+    assert explain.planner_direction(0.1) == "too slow"
+    assert explain.published_misses([]) == "No row is missed by more than 25%."
+    assert explain.published_misses(["a (+30%)", "b (-40%)"]) == "Misses: a (+30%); b (-40%)."
+    none_missed = explain.check_rows_missed([], "h100 fp8", 0.4)
+    assert none_missed == "No check row is missed by more than 25%."
+    text = explain.check_rows_missed(["h100 fp8-w8a8"], "h100-sxm fp8-w8a8", 0.42)
+    assert "The misses are h100 fp8-w8a8" in text and "h100-sxm fp8-w8a8's 42%" in text
+
+
+def test_throughput_miss_multiplies_its_two_factors():
+    # 4 of 8 held, mean gap twice one stream's: 50 % ÷ 2 = 25 % of the prediction
+    text = explain.throughput_miss(8, 0.25, 4.0, 0.05, 0.06, 0.10)
+    assert "50% of the 8 in flight" in text and "(2.00×" in text
+    assert "= 25% of the prediction, within 25 % of the 25% measured." in text
+    unexplained = explain.throughput_miss(8, 0.10, 4.0, 0.05, 0.06, 0.10)
+    assert "a factor 0.40 these two do not explain" in unexplained
+
+
+def test_engine_versus_vllm_never_calls_a_faster_engine_slower():
+    faster = explain.engine_versus_vllm(0.6, 0.6, None, 2)
+    assert "0.60× vLLM's (1.7× faster)" in faster and "Not the prediction" in faster
+    assert "slower" not in faster
+    slower = explain.engine_versus_vllm(1.8, 1.2, 0.5, 2)
+    assert (
+        "1.8× vLLM's" in slower
+        and "compiled graph" in slower
+        and "waited a median 0.50 s" in slower
+    )
+    assert "within 10 %" in explain.engine_versus_vllm(1.05, 0.95, None, 1)
