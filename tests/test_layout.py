@@ -1,6 +1,7 @@
 """The layout of `helpers/`: layers that import one way (issue 12, docs/ARCHITECTURE.md)."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,14 @@ def test_the_facts_layer_runs_without_torch():
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "facts imported torch"
+
+
+def test_the_architecture_page_names_every_module_in_its_layer():
+    rows = {}
+    page = (HELPERS.parent / "docs" / "ARCHITECTURE.md").read_text()
+    for line in page.splitlines():
+        if m := re.match(r"\| \d\. (\w+) \| ([^|]+) \|", line):
+            rows[m[1]] = set(re.findall(r"`(\w+)`", m[2]))
+    assert rows.keys() == LAYERS.keys()
+    for layer, names in LAYERS.items():
+        assert rows[layer] == names, f"{layer}: page and LAYERS differ by {rows[layer] ^ names}"
