@@ -154,8 +154,11 @@ def last_level_cache(device: torch.device | str | None = None) -> int:
     return max(cache_sizes(device).values(), default=0)
 
 
-# Binder gives a notebook 2 GB: the streamed buffers must fit beside the kernel (~0.5 GB).
-STREAM_CAP_BYTES = 768 * 2**20
+# Binder gives a notebook 2 GB, and notebooks hold a model (~0.5 GB) beside the kernel (~0.5 GB):
+# the streamed buffers get 256 MiB. A VM's share of a big shared L3 is far below what it reports:
+# on a 2-core Xeon reporting 480 MiB, reads of 256 MiB ran at 30.3 GB/s, as fast as 768 MiB did
+# (29.5; data/measured/cpu_xeon-amx480_*.csv, 2026-12-03), and 64 MiB at 51: memory speed by 256.
+STREAM_CAP_BYTES = 256 * 2**20
 
 
 def streamed_size(device, at_least: int, buffers: int = 1) -> tuple[int, bool]:

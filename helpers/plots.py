@@ -99,10 +99,12 @@ def roofline(
     bandwidth = bandwidth or ceilings.read_bandwidth
     intensities = np.logspace(-2, 4, 200)
     colors = {dtype: style("precision", dtype)["color"] for dtype in ceilings.matmul_flops}
-    for dtype, peak in ceilings.matmul_flops.items():
+    dashes = ["-", "--", "-.", ":"]  # roofs of equal peaks (fp16 = fp32 on some CPUs) both show
+    for k, (dtype, peak) in enumerate(ceilings.matmul_flops.items()):
         roof = [attainable(i, peak, bandwidth) for i in intensities]
         label = f"{dtype} matmul peak {peak / 1e9:,.0f} GFLOP/s"
-        ax.plot(intensities, roof, color=colors[dtype], label=label)
+        ax.plot(intensities, roof, color=colors[dtype], ls=dashes[k % 4], lw=2.2 - 0.4 * k,
+                label=label)  # fmt: skip
     ax.plot(intensities, intensities * bandwidth, ls=":", color="grey",
             label=f"memory roof: {bandwidth / 1e9:.3g} GB/s")  # fmt: skip
     if skinny:
@@ -119,12 +121,15 @@ def roofline(
         )
     for p in points or []:
         color = colors.get(p.get("dtype"), "black")
-        marker = p.get("marker", "o")
+        marker = p.get("marker") or (
+            style("precision", p["dtype"])["marker"] if "dtype" in p else "o"
+        )
         ax.scatter(p["intensity"], p["flops"], s=150 if marker == "*" else 50, zorder=3,
                    color=color, marker=marker, edgecolor="white")  # fmt: skip
         if p.get("label"):
-            ax.annotate(p["label"], (p["intensity"], p["flops"]), xytext=p.get("xytext", (5, -12)),
-                        textcoords="offset points", fontsize=8)  # fmt: skip
+            # to the left, below: the next point to the right is the same format at n × 2
+            ax.annotate(p["label"], (p["intensity"], p["flops"]), xytext=p.get("xytext", (-4, -14)),
+                        textcoords="offset points", fontsize=8, ha="right")  # fmt: skip
     top = max(ceilings.matmul_flops.values())
     ax.set(xscale="log", yscale="log", ylim=(top / 1e4, top * 3))
     ax.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="attainable FLOP/s")

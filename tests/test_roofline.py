@@ -50,7 +50,7 @@ def test_measured_rows_are_consistent():
 
 
 def test_streamed_buffers_exceed_twice_the_last_level_cache(monkeypatch):
-    llc = 300 * 2**20  # the Xeon's L3
+    llc = 100 * 2**20  # twice it fits within the cap
     monkeypatch.setattr(device, "last_level_cache", lambda device: llc)
     each, beyond = device.streamed_size("cpu", 256 * 2**20)
     assert each >= 2 * llc and beyond
@@ -79,8 +79,10 @@ def test_read_sweep_gives_one_row_per_size_and_the_sizes_span_the_caches(monkeyp
     monkeypatch.setattr(roofline, "last_level_cache", lambda device: 32 * 2**20)
     sizes = roofline.read_sweep_sizes("cpu", working_set=100 * 2**20)
     assert sizes[0] == 256 * 2**10 and max(sizes) >= 2 * 32 * 2**20 and 100 * 2**20 in sizes
-    monkeypatch.setattr(roofline, "last_level_cache", lambda device: 300 * 2**20)  # the Xeon
-    assert max(roofline.read_sweep_sizes("cpu")) == 600 * 2**20  # reaches past its L3
+    monkeypatch.setattr(roofline, "last_level_cache", lambda device: 100 * 2**20)
+    assert max(roofline.read_sweep_sizes("cpu")) == 256 * 2**20  # past its L3, at least 256 MiB
+    monkeypatch.setattr(roofline, "last_level_cache", lambda device: 480 * 2**20)  # the Xeon's
+    assert max(roofline.read_sweep_sizes("cpu")) == device.STREAM_CAP_BYTES  # Binder's memory
     df = roofline.read_sweep("cpu", [2**18, 2**20], repeats=3)
     assert list(df.bytes) == [2**18, 2**20]
     assert (df.bandwidth > 0).all() and (df.low <= df.high).all()
