@@ -177,14 +177,17 @@ def read_staircase(sweep, caches: dict[str, int], working_set: int | None = None
                 yerr=[(sweep.bandwidth - sweep.low) / gbs, (sweep.high - sweep.bandwidth) / gbs],
                 label="read bandwidth (sum of one buffer)")  # fmt: skip
     shown = {k: v for k, v in caches.items() if v >= sweep.bytes.min() / 4}  # L1: off the left
-    for i, (level, size) in enumerate(sorted(shown.items())):
+    for size in shown.values():
         ax.axvline(size, color="grey", ls="--", lw=1)
-        ax.annotate(f"{level} {format_bytes(size)}", (size, 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12 - 10 * (i % 2)), textcoords="offset points",
-                    fontsize=8)  # fmt: skip
     if working_set:
         ax.axvline(working_set, color="crimson", lw=1.5, label="bytes one decode step reads")
     ax.set(xscale="log", xlabel="buffer size (bytes)", ylabel="GB/s", ylim=(0, None))
+    low, high = np.log(ax.get_xlim())
+    for i, (level, size) in enumerate(sorted(shown.items())):
+        right = (np.log(size) - low) / (high - low) > 0.8  # near the edge: write it to the left
+        ax.annotate(f"{level} {format_bytes(size)}", (size, 1), xycoords=("data", "axes fraction"),
+                    xytext=(-3 if right else 3, -12 - 10 * (i % 2)), textcoords="offset points",
+                    fontsize=8, ha="right" if right else "left")  # fmt: skip
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax
 
