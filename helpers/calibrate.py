@@ -316,3 +316,12 @@ def distinct_per_group(w: torch.Tensor, group_size: int = 32) -> torch.Tensor:
     check_group(group_size, w.shape[1])
     ordered = w.detach().reshape(-1, group_size).sort(-1).values
     return 1 + (ordered.diff(dim=-1) != 0).sum(-1)
+
+
+def planted_layer(seed: int, rows=128, cols=512, tokens=4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w (rows, cols), x (tokens, cols)): a weight and inputs whose channels are correlated (a
+    shared low-rank part), as real activations are, so GPTQ's error feedback has work to do."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, 16, generator=g)
+    x = torch.randn(tokens, 16, generator=g) @ mix.T + 0.3 * torch.randn(tokens, cols, generator=g)
+    return torch.randn(rows, cols, generator=g) * 0.02, x
