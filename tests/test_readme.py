@@ -20,16 +20,14 @@ def duration(seconds: float) -> str:
 
 def table(heading: str) -> pd.DataFrame:
     """The first Markdown table after `heading`, cells as text, its first column the index."""
-    after = README[README.index(heading) :]
-    lines = [ln for ln in after.splitlines() if ln.startswith("|")]
-    start = after.splitlines().index(lines[0])
     rows = []
-    for ln in after.splitlines()[start:]:
-        if not ln.startswith("|"):
+    for line in README[README.index(heading) :].splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:  # the first line after the table
             break
-        rows.append([c.strip() for c in ln.strip("|").split("|")])
-    frame = pd.DataFrame(rows[2:], columns=rows[0])
-    return frame.set_index(rows[0][0])
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    return pd.DataFrame(cells[2:], columns=cells[0]).set_index(cells[0][0])
 
 
 def test_there_is_a_stored_run_of_the_whole_course():
