@@ -147,10 +147,13 @@ def forward(
         cache.keys[i][:, :, start:end] = k
         cache.values[i][:, :, start:end] = v
         return F.scaled_dot_product_attention(
-            q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
+            q,
+            cache.keys[i][:, :, :end],
+            cache.values[i][:, :, :end],
             is_causal=end - start > 1,  # the prompt attends causally; one new token sees all keys
-            scale=scale, enable_gqa=True,  # several query heads share each key/value head
-        )  # fmt: skip
+            scale=scale,
+            enable_gqa=True,  # several query heads share each key/value head
+        )
 
     hidden = layers(model, hidden, cos, sin, cache.head_dim, attend)
     return model.lm_head(body.norm(hidden if all_logits else hidden[:, -1:]))

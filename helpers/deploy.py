@@ -37,8 +37,12 @@ from helpers.stepmodel import planner_step_time
 # vLLM's batch defaults for its OpenAI server (vllm/engine/arg_utils.py, get_batch_defaults,
 # vLLM 0.32): (--max-num-seqs, --max-num-batched-tokens) by the GPU's memory; chunked prefill is
 # always on in V1. A100s keep the smaller pair (a larger token budget cut their throughput).
-VLLM_BATCH_DEFAULTS = {"160 GB and more": (1024, 16384), "70 GB and more": (1024, 8192),
-                       "other": (256, 2048), "cpu": (128, 2048)}  # fmt: skip
+VLLM_BATCH_DEFAULTS = {
+    "160 GB and more": (1024, 16384),
+    "70 GB and more": (1024, 8192),
+    "other": (256, 2048),
+    "cpu": (128, 2048),
+}
 BLOCK_SIZE = 16
 GPU_MEMORY_UTILIZATION = 0.9
 CLOSED_LOOP_ROUNDS = 4  # requests per seat a closed loop sends (the first round ramps up)
@@ -91,9 +95,14 @@ def _from_send(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def simulate(
-    requests, clock, kv_blocks: int, max_num_seqs: int, max_num_batched_tokens: int,
-    concurrency: int | None = None, block_size: int = BLOCK_SIZE,
-) -> pd.Series:  # fmt: skip
+    requests,
+    clock,
+    kv_blocks: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    concurrency: int | None = None,
+    block_size: int = BLOCK_SIZE,
+) -> pd.Series:
     """The course's scheduler serving `requests` as vLLM's does (running requests first,
     chunked prefill within `max_num_batched_tokens`, at most `max_num_seqs` at once) on the
     virtual `clock(step) -> seconds`. `concurrency`: a client's closed loop of that many in
@@ -105,8 +114,15 @@ def simulate(
             "server's queue: give the requests arrival times instead (concurrency=None)"
         )
     seats = max_num_seqs if concurrency is None else concurrency
-    df = serving.run(None, requests, max_batch=seats, block_size=block_size, kv_blocks=kv_blocks,
-                     prefill_chunk=max_num_batched_tokens, clock=clock)  # fmt: skip
+    df = serving.run(
+        None,
+        requests,
+        max_batch=seats,
+        block_size=block_size,
+        kv_blocks=kv_blocks,
+        prefill_chunk=max_num_batched_tokens,
+        clock=clock,
+    )
     if concurrency is not None:
         df = _from_send(df)
     s = serving.summary(df, percentiles=(50, 99))
@@ -170,8 +186,17 @@ _UNITS = {
 
 @functools.cache
 def _predicted(model, gpu, dtype, tp, kv, inp, out, conc, engine) -> pd.Series:
-    return serve(model=model, gpu=gpu, dtype=dtype, tp=tp, input_tokens=inp, output_tokens=out,
-                 concurrency=conc, engine=engine, kv_dtype=kv)  # fmt: skip
+    return serve(
+        model=model,
+        gpu=gpu,
+        dtype=dtype,
+        tp=tp,
+        input_tokens=inp,
+        output_tokens=out,
+        concurrency=conc,
+        engine=engine,
+        kv_dtype=kv,
+    )
 
 
 def versus_published(roles=("check",)) -> pd.DataFrame:
@@ -183,9 +208,21 @@ def versus_published(roles=("check",)) -> pd.DataFrame:
         kv = r.kv_dtype if isinstance(r.kv_dtype, str) else None
         args = (r.model, r.gpu, r.dtype, int(r.tp), kv, int(r.input_tokens))
         s = _predicted(*args, int(r.output_tokens), int(r.concurrency), r.engine)
-        rows.append({"source": r.source, "model": r.model, "gpu": r.gpu, "tp": int(r.tp),
-                     "dtype": r.dtype, "input": int(r.input_tokens), "output": int(r.output_tokens),
-                     "concurrency": int(r.concurrency), "metric": r.metric, "engine": r.engine,
-                     "published": r.value, "predicted": _UNITS[r.metric](s)})  # fmt: skip
+        rows.append(
+            {
+                "source": r.source,
+                "model": r.model,
+                "gpu": r.gpu,
+                "tp": int(r.tp),
+                "dtype": r.dtype,
+                "input": int(r.input_tokens),
+                "output": int(r.output_tokens),
+                "concurrency": int(r.concurrency),
+                "metric": r.metric,
+                "engine": r.engine,
+                "published": r.value,
+                "predicted": _UNITS[r.metric](s),
+            }
+        )
     out = pd.DataFrame(rows)
     return out.assign(error=out.predicted / out.published - 1)

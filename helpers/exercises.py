@@ -130,10 +130,15 @@ def _direction(answer: float, target: float) -> str:
     ratio = abs(answer / target)
     way = "too large" if ratio > 1 else "too small"
     r = max(ratio, 1 / ratio)
-    for factor, why in ((1e3, "a unit prefix (k, M, G, m, µ)?"), (1e6, "a unit prefix?"),
-                        (1e9, "a unit prefix?"), (2**30 / 1e9, "GB against GiB?"),
-                        (8.0, "bits against bytes?"), (2.0, "a factor of 2: FLOPs per MAC, "
-                        "or bytes per value?"), (4.0, "bytes per value?")):  # fmt: skip
+    for factor, why in (
+        (1e3, "a unit prefix (k, M, G, m, µ)?"),
+        (1e6, "a unit prefix?"),
+        (1e9, "a unit prefix?"),
+        (2**30 / 1e9, "GB against GiB?"),
+        (8.0, "bits against bytes?"),
+        (2.0, "a factor of 2: FLOPs per MAC, or bytes per value?"),
+        (4.0, "bytes per value?"),
+    ):
         if math.isclose(r, factor, rel_tol=0.03):
             return f"{way} by a round factor: {why}"
     return way
@@ -156,8 +161,10 @@ def _verdict(ex: Exercise, answer, target: float, unit: str | None, rtol: float)
     if ok:
         print(f"✅ correct — {ex.question}: you gave {value:.4g} (within {rtol:.0%})")
     else:
-        print(f"❌ not yet — {ex.question}: you gave {value:.4g}, {_direction(value, target)}. "
-              f"Hint: {ex.hint}")  # fmt: skip
+        print(
+            f"❌ not yet — {ex.question}: you gave {value:.4g}, {_direction(value, target)}. "
+            f"Hint: {ex.hint}"
+        )
     return ok
 
 
@@ -179,8 +186,10 @@ def predict(key: str, prediction, measured: float, spread: float = 0.0, **given)
     rtol = max(ex.rtol, spread)
     ok = _verdict(ex, prediction, target, ex.unit, rtol)
     if prediction is not None:
-        print(f"   measured here: {target:.4g}{' ' + ex.unit if ex.unit else ''}; tolerance "
-              f"{rtol:.0%} ({ex.tolerance_why})")  # fmt: skip
+        print(
+            f"   measured here: {target:.4g}{' ' + ex.unit if ex.unit else ''}; tolerance "
+            f"{rtol:.0%} ({ex.tolerance_why})"
+        )
     return ok
 
 
@@ -204,8 +213,10 @@ def derive(key: str, fn) -> bool:
             return False
         want = float(ex.expected(**case))
         if not _within(got, want, ex.rtol):
-            print(f"❌ not yet — {ex.question}: on {case} it returned {got:.4g}, "
-                  f"{_direction(got, want)}. Hint: {ex.hint}")  # fmt: skip
+            print(
+                f"❌ not yet — {ex.question}: on {case} it returned {got:.4g}, "
+                f"{_direction(got, want)}. Hint: {ex.hint}"
+            )
             return False
     print(f"✅ correct — {ex.question}: right on all {len(ex.cases)} hidden cases")
     return True

@@ -67,17 +67,25 @@ def op_overhead(device, repeats: int = 7, ops: int = 200) -> pd.DataFrame:
     else:
         scale = [ops]
     return pd.DataFrame(
-        [t.row(seconds_per_op=t.median / n, q1_per_op=t.q1 / n, q3_per_op=t.q3 / n)
-         for t, n in zip(rows, scale, strict=True)]
-    )  # fmt: skip
+        [
+            t.row(seconds_per_op=t.median / n, q1_per_op=t.q1 / n, q3_per_op=t.q3 / n)
+            for t, n in zip(rows, scale, strict=True)
+        ]
+    )
 
 
 def tiny_llama(layers: int, device, dtype=torch.float32):
     """A random Llama with `layers` layers and tiny widths: its step is almost pure overhead."""
     return llama_from_config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, dtype=dtype, device=device,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        dtype=dtype,
+        device=device,
+    )
 
 
 def step_times(model, batch: int = 1, steps: int = 24, compiled: bool = False) -> dict:
@@ -86,8 +94,13 @@ def step_times(model, batch: int = 1, steps: int = 24, compiled: bool = False) -
     ids = torch.zeros(batch, 4, dtype=torch.long, device=param.device)
     warm = greedy_decode(model, ids, steps, compiled=compiled)  # warm-up (and compile, if asked)
     row = greedy_decode(model, ids, steps, compiled=compiled).row()
-    return {"step_s": row["tpot_s"], "q1_s": row["tpot_q1_s"], "q3_s": row["tpot_q3_s"],
-            "mode": row["mode"], "setup_s": warm.setup_s}  # fmt: skip
+    return {
+        "step_s": row["tpot_s"],
+        "q1_s": row["tpot_q1_s"],
+        "q3_s": row["tpot_q3_s"],
+        "mode": row["mode"],
+        "setup_s": warm.setup_s,
+    }
 
 
 def step_overhead(device, layer_counts=(1, 8, 16, 30), dtype=torch.float32) -> pd.DataFrame:
@@ -109,9 +122,13 @@ def _distinct_weights(count: int, n: int, device, dtype) -> list[torch.Tensor]:
 
 
 def linear_rates(
-    device, dtype=torch.float32, batches=(1, 2, 4, 8, 16, 32, 64), width: int = 1024,
-    total_bytes: float = 128e6, repeats: int = 5,
-) -> pd.DataFrame:  # fmt: skip
+    device,
+    dtype=torch.float32,
+    batches=(1, 2, 4, 8, 16, 32, 64),
+    width: int = 1024,
+    total_bytes: float = 128e6,
+    repeats: int = 5,
+) -> pd.DataFrame:
     """FLOP/s of decode-shaped products: `batch` rows times square weights of `width`, over
     enough distinct weights (`total_bytes`, grown to twice the last-level cache) that they stream
     from memory as a model's do."""
@@ -130,17 +147,35 @@ def linear_rates(
 
         t = measure(run, repeats=repeats, device=device)
         flops = 2 * batch * width * width * count
-        rows.append(t.row(batch=batch, flops=flops, weight_bytes=count * width * width * itemsize,
-                          flops_per_s=flops / t.median))  # fmt: skip
+        rows.append(
+            t.row(
+                batch=batch,
+                flops=flops,
+                weight_bytes=count * width * width * itemsize,
+                flops_per_s=flops / t.median,
+            )
+        )
     return pd.DataFrame(rows)
 
 
 def work_sweep(
-    device, dtype=torch.float32, bandwidth: float = 1.0, peak_flops: float = 1.0,
-    shapes=((1, 16), (1, 64), (1, 256), (1, 1024), (1, 4096), (256, 1024), (1024, 1024),
-            (2048, 2048)),
-    total_bytes: float = 128e6, repeats: int = 5,
-) -> pd.DataFrame:  # fmt: skip
+    device,
+    dtype=torch.float32,
+    bandwidth: float = 1.0,
+    peak_flops: float = 1.0,
+    shapes=(
+        (1, 16),
+        (1, 64),
+        (1, 256),
+        (1, 1024),
+        (1, 4096),
+        (256, 1024),
+        (1024, 1024),
+        (2048, 2048),
+    ),
+    total_bytes: float = 128e6,
+    repeats: int = 5,
+) -> pd.DataFrame:
     """One product `x (rows × n) · Wᵀ (n × n)` per shape, from tiny to large, timed per product.
 
     Each row gives the product's bytes and FLOPs, its first-principles time
@@ -166,10 +201,19 @@ def work_sweep(
 
         t = measure(run, repeats=repeats, device=device)
         nbytes, flops = (2 * m * n + n * n) * itemsize, 2 * m * n * n
-        rows.append({"rows": m, "n": n, "bytes": nbytes, "flops": flops,
-                     "memory_s": nbytes / bandwidth, "compute_s": flops / peak_flops,
-                     "measured_s": t.median / count, "q1_s": t.q1 / count,
-                     "q3_s": t.q3 / count,
-                     "cached": streaming and count * n * n * itemsize < need})  # fmt: skip
+        rows.append(
+            {
+                "rows": m,
+                "n": n,
+                "bytes": nbytes,
+                "flops": flops,
+                "memory_s": nbytes / bandwidth,
+                "compute_s": flops / peak_flops,
+                "measured_s": t.median / count,
+                "q1_s": t.q1 / count,
+                "q3_s": t.q3 / count,
+                "cached": streaming and count * n * n * itemsize < need,
+            }
+        )
         del weights
     return pd.DataFrame(rows)

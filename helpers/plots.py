@@ -103,10 +103,16 @@ def roofline(
     for k, (dtype, peak) in enumerate(ceilings.matmul_flops.items()):
         roof = [attainable(i, peak, bandwidth) for i in intensities]
         label = f"{dtype} matmul peak {peak / 1e9:,.0f} GFLOP/s"
-        ax.plot(intensities, roof, color=colors[dtype], ls=dashes[k % 4], lw=2.2 - 0.4 * k,
-                label=label)  # fmt: skip
-    ax.plot(intensities, intensities * bandwidth, ls=":", color="grey",
-            label=f"memory roof: {bandwidth / 1e9:.3g} GB/s")  # fmt: skip
+        ax.plot(
+            intensities, roof, color=colors[dtype], ls=dashes[k % 4], lw=2.2 - 0.4 * k, label=label
+        )
+    ax.plot(
+        intensities,
+        intensities * bandwidth,
+        ls=":",
+        color="grey",
+        label=f"memory roof: {bandwidth / 1e9:.3g} GB/s",
+    )
     if skinny:
         batches = sorted(skinny)
         xs = [2 * b / skinny_bytes for b in batches]
@@ -124,12 +130,25 @@ def roofline(
         marker = p.get("marker") or (
             style("precision", p["dtype"])["marker"] if "dtype" in p else "o"
         )
-        ax.scatter(p["intensity"], p["flops"], s=150 if marker == "*" else 50, zorder=3,
-                   color=color, marker=marker, edgecolor="white")  # fmt: skip
+        ax.scatter(
+            p["intensity"],
+            p["flops"],
+            s=150 if marker == "*" else 50,
+            zorder=3,
+            color=color,
+            marker=marker,
+            edgecolor="white",
+        )
         if p.get("label"):
             # to the left, below: the next point to the right is the same format at n × 2
-            ax.annotate(p["label"], (p["intensity"], p["flops"]), xytext=p.get("xytext", (-4, -14)),
-                        textcoords="offset points", fontsize=8, ha="right")  # fmt: skip
+            ax.annotate(
+                p["label"],
+                (p["intensity"], p["flops"]),
+                xytext=p.get("xytext", (-4, -14)),
+                textcoords="offset points",
+                fontsize=8,
+                ha="right",
+            )
     top = max(ceilings.matmul_flops.values())
     ax.set(xscale="log", yscale="log", ylim=(top / 1e4, top * 3))
     ax.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="attainable FLOP/s")
@@ -144,38 +163,65 @@ def three_limits(sweep, overhead_s: float, ax: plt.Axes | None = None) -> plt.Ax
     ax = ax or plt.subplots()[1]
     ideal = np.maximum(sweep.memory_s, sweep.compute_s)
     regime = np.where(
-        overhead_s > ideal, "overhead", np.where(sweep.memory_s >= sweep.compute_s, "memory",
-                                                 "compute")
-    )  # fmt: skip
+        overhead_s > ideal,
+        "overhead",
+        np.where(sweep.memory_s >= sweep.compute_s, "memory", "compute"),
+    )
     for name, marker in (("overhead", "s"), ("memory", "o"), ("compute", "^")):
         sel = regime == name
-        ax.errorbar(ideal[sel], sweep.measured_s[sel], fmt=marker, ms=8, capsize=3,
-                    yerr=[sweep.measured_s[sel] - sweep.q1_s[sel],
-                          sweep.q3_s[sel] - sweep.measured_s[sel]],
-                    label=f"{name}-bound (predicted)")  # fmt: skip
+        ax.errorbar(
+            ideal[sel],
+            sweep.measured_s[sel],
+            fmt=marker,
+            ms=8,
+            capsize=3,
+            yerr=[sweep.measured_s[sel] - sweep.q1_s[sel], sweep.q3_s[sel] - sweep.measured_s[sel]],
+            label=f"{name}-bound (predicted)",
+        )
     for r, x, kind in zip(sweep.itertuples(), ideal, regime, strict=True):
         below = kind != "compute"  # compute-bound labels go above: they share x with memory ones
-        ax.annotate(f"{r.rows}×{r.n}", (x, r.measured_s), xytext=(5, -10 if below else 6),
-                    textcoords="offset points", fontsize=7)  # fmt: skip
+        ax.annotate(
+            f"{r.rows}×{r.n}",
+            (x, r.measured_s),
+            xytext=(5, -10 if below else 6),
+            textcoords="offset points",
+            fontsize=7,
+        )
     xs = np.logspace(np.log10(ideal.min() / 3), np.log10(ideal.max() * 3), 100)
     ax.plot(xs, xs, ls=":", color="grey", label="bytes ÷ bandwidth or FLOPs ÷ peak")
-    ax.plot(xs, xs + overhead_s, color="black", lw=1,
-            label=f"+ overhead {overhead_s * 1e6:.1f} µs per op")  # fmt: skip
-    ax.set(xscale="log", yscale="log", xlabel="first-principles time per product (s)",
-           ylabel="measured time per product (s)")  # fmt: skip
+    ax.plot(
+        xs,
+        xs + overhead_s,
+        color="black",
+        lw=1,
+        label=f"+ overhead {overhead_s * 1e6:.1f} µs per op",
+    )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="first-principles time per product (s)",
+        ylabel="measured time per product (s)",
+    )
     ax.legend(fontsize=8)
     return ax
 
 
-def read_staircase(sweep, caches: dict[str, int], working_set: int | None = None,
-                   ax: plt.Axes | None = None) -> plt.Axes:  # fmt: skip
+def read_staircase(
+    sweep, caches: dict[str, int], working_set: int | None = None, ax: plt.Axes | None = None
+) -> plt.Axes:
     """Read bandwidth against buffer size (`roofline.read_sweep` rows), each cache level's size
     drawn as a vertical line and the bytes of one decode step marked."""
     ax = ax or plt.subplots(figsize=(7, 3.4))[1]
     gbs = 1e9
-    ax.errorbar(sweep.bytes, sweep.bandwidth / gbs, fmt="o-", capsize=3, color="C0",
-                yerr=[(sweep.bandwidth - sweep.low) / gbs, (sweep.high - sweep.bandwidth) / gbs],
-                label="read bandwidth (sum of one buffer)")  # fmt: skip
+    ax.errorbar(
+        sweep.bytes,
+        sweep.bandwidth / gbs,
+        fmt="o-",
+        capsize=3,
+        color="C0",
+        yerr=[(sweep.bandwidth - sweep.low) / gbs, (sweep.high - sweep.bandwidth) / gbs],
+        label="read bandwidth (sum of one buffer)",
+    )
     shown = {k: v for k, v in caches.items() if v >= sweep.bytes.min() / 4}  # L1: off the left
     for size in shown.values():
         ax.axvline(size, color="grey", ls="--", lw=1)
@@ -185,9 +231,15 @@ def read_staircase(sweep, caches: dict[str, int], working_set: int | None = None
     low, high = np.log(ax.get_xlim())
     for i, (level, size) in enumerate(sorted(shown.items())):
         right = (np.log(size) - low) / (high - low) > 0.8  # near the edge: write it to the left
-        ax.annotate(f"{level} {format_bytes(size)}", (size, 1), xycoords=("data", "axes fraction"),
-                    xytext=(-3 if right else 3, -12 - 10 * (i % 2)), textcoords="offset points",
-                    fontsize=8, ha="right" if right else "left")  # fmt: skip
+        ax.annotate(
+            f"{level} {format_bytes(size)}",
+            (size, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(-3 if right else 3, -12 - 10 * (i % 2)),
+            textcoords="offset points",
+            fontsize=8,
+            ha="right" if right else "left",
+        )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax
 
@@ -200,8 +252,13 @@ def profile_bars(parts, ax: plt.Axes | None = None) -> plt.Axes:
         left = 0.0
         for row in parts.itertuples():
             value, color = getattr(row, col), style("category", row.category)["color"]
-            ax.barh(y, value, left=left, color=color, label=row.category if col == "measured_ms"
-                    else None)  # fmt: skip
+            ax.barh(
+                y,
+                value,
+                left=left,
+                color=color,
+                label=row.category if col == "measured_ms" else None,
+            )
             left += value
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds per decode step")
@@ -229,8 +286,9 @@ def batch_sweep(runs, critical_batch: float) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for prompt, g in runs[~runs.oom].groupby("prompt"):
         spread = [(g.tpot_s - g.tpot_q1_s) * 1e3, (g.tpot_q3_s - g.tpot_s) * 1e3]
-        axes[0].errorbar(g.batch, g.tpot_s * 1e3, yerr=spread, marker="o", capsize=3,
-                         label=f"prompt {prompt}")  # fmt: skip
+        axes[0].errorbar(
+            g.batch, g.tpot_s * 1e3, yerr=spread, marker="o", capsize=3, label=f"prompt {prompt}"
+        )
         axes[1].plot(g.batch, g.tokens_per_s, marker="o", label=f"prompt {prompt}")
     for ax in axes:
         ax.axvline(critical_batch, color="grey", ls="--", label="predicted critical batch")
@@ -274,10 +332,19 @@ def frontier(points, front, knobs: list[str], ax: plt.Axes | None = None) -> plt
     ax.plot(front.latency_s, front.tokens_per_s, "-", color="black", lw=1, label="frontier")
     for r in front.itertuples():
         text = ", ".join(str(getattr(r, k)) for k in knobs[1:])
-        ax.annotate(text, (r.latency_s, r.tokens_per_s), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")  # fmt: skip
-    ax.set(xscale="log", yscale="log", xlabel="end-to-end latency of a request (s)",
-           ylabel="tokens/s (generated ÷ latency)")  # fmt: skip
+        ax.annotate(
+            text,
+            (r.latency_s, r.tokens_per_s),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="end-to-end latency of a request (s)",
+        ylabel="tokens/s (generated ÷ latency)",
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
     return ax
 
@@ -290,8 +357,9 @@ def sla(table, best, budget_ms: float, ax: plt.Axes | None = None) -> plt.Axes:
     ax.axvline(budget_ms, color="red", ls="--", label="budget")
     if best is not None:
         label = f"best: {best.dtype}, TP {best.tp} × {best.replicas}, batch {best.batch}"
-        ax.scatter([best.tpot_ms], [best.tokens_per_s], s=150, marker="*", color="black",
-                   label=label)  # fmt: skip
+        ax.scatter(
+            [best.tpot_ms], [best.tokens_per_s], s=150, marker="*", color="black", label=label
+        )
     ax.set(xscale="log", yscale="log", xlabel="TPOT (ms)", ylabel="tokens/s on all GPUs")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
     return ax
@@ -308,14 +376,27 @@ def outliers(ratios, channel_max, layer: int) -> plt.Figure:
     for (name, g), color in zip(ratios.groupby("matrix"), sns.color_palette(), strict=False):
         axes[0].plot(g.layer, g["max / std"], marker="o", ms=3, color=color, label=name)
         for granularity, ls in (("tensor", "-"), ("channel", ":")):
-            axes[1].plot(g.layer, g[f"int8 error, per {granularity}"], ls=ls, color=color,
-                         label=f"{name}, per {granularity}")  # fmt: skip
+            axes[1].plot(
+                g.layer,
+                g[f"int8 error, per {granularity}"],
+                ls=ls,
+                color=color,
+                label=f"{name}, per {granularity}",
+            )
     axes[0].set(xlabel="layer", ylabel="max |w| / std(w)", title="weights: largest vs typical")
-    axes[1].set(xlabel="layer", ylabel="‖ŵ − w‖ / ‖w‖", yscale="log",
-                title="int8 absmax: one scale per tensor vs per channel")  # fmt: skip
+    axes[1].set(
+        xlabel="layer",
+        ylabel="‖ŵ − w‖ / ‖w‖",
+        yscale="log",
+        title="int8 absmax: one scale per tensor vs per channel",
+    )
     axes[2].plot(np.asarray(channel_max), lw=0.7)
-    axes[2].set(xlabel="channel", ylabel="max |activation|", yscale="log",
-                title=f"activations into layer {layer} down_proj")  # fmt: skip
+    axes[2].set(
+        xlabel="channel",
+        ylabel="max |activation|",
+        yscale="log",
+        title=f"activations into layer {layer} down_proj",
+    )
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     return fig
@@ -397,10 +478,10 @@ def _label_line_ends(ax: plt.Axes, floors, color) -> None:
         )
 
 
-# --- Notebook 02 and 03's figures -----------------------------------------------------------
+# --- Notebook 02's figures ------------------------------------------------------------------
 
 
-def _log2_ticks(ax: plt.Axes, ticks, axis: str = "x") -> None:
+def log2_ticks(ax: plt.Axes, ticks, axis: str = "x") -> None:
     """Only `ticks` on a log axis, written in full ("1,024"), with no minor labels to collide."""
     axis_ = ax.xaxis if axis == "x" else ax.yaxis
     axis_.set_ticks(list(ticks), [f"{t:,}" for t in ticks])
@@ -427,80 +508,8 @@ def kv_cache_growth(curves, weights_gib: float, title: str) -> plt.Figure:
         )
     ax.axhline(weights_gib, color="black", lw=1, label="weights")
     ax.set(xscale="log", yscale="log", xlabel=curves.index.name, ylabel="GiB")
-    _log2_ticks(ax, curves.index)
+    log2_ticks(ax, curves.index)
     ax.tick_params(axis="x", labelsize=8)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return fig
-
-
-def tp_compute_vs_comm(layers, predicted_ms, world: int, backend: str) -> plt.Figure:
-    """Per layer size, bars of TP 1's total, TP `world`'s total, its all-reduce (timed alone) and
-    its skew (median, IQR) by batch, and TP `world`'s prediction as a black tick. TP degrees in
-    `style("tp")`'s colours, the all-reduce and the skew in `style("collective")`'s.
-    `layers`: rows of tp, hidden, batch and `{total,comm,skew}_s` with `_q1_s`, `_q3_s`;
-    `predicted_ms`: indexed by (hidden, batch)."""
-    sizes = sorted(layers.hidden.unique())
-    fig, axes = plt.subplots(1, len(sizes), figsize=(10, 3.8), layout="constrained")
-    bars = [
-        (1, "total", "TP 1 total", style("tp", "TP 1")),
-        (world, "total", f"TP {world} total", style("tp", f"TP {world}")),
-        (world, "comm", f"TP {world}: its all-reduce", style("collective", "all-reduce")),
-        (world, "skew", f"TP {world}: skew", style("collective", "skew")),
-    ]
-    for ax, hidden in zip(np.atleast_1d(axes), sizes, strict=True):
-        part = layers[layers.hidden == hidden]
-        batches = sorted(part.batch.unique())
-        x = np.arange(len(batches))
-        for i, (degree, what, label, look) in enumerate(bars):
-            runs = part[part.tp == degree].sort_values("batch")
-            ms = runs[f"{what}_s"].to_numpy() * 1e3
-            spread = [ms - runs[f"{what}_q1_s"] * 1e3, runs[f"{what}_q3_s"] * 1e3 - ms]
-            ax.bar(
-                x + (i - 1.5) * 0.2,
-                ms,
-                width=0.2,
-                yerr=spread,
-                capsize=2,
-                color=look["color"],
-                label=label,
-            )
-        ax.plot(
-            x - 0.1,
-            [predicted_ms[hidden, b] for b in batches],
-            "k_",
-            ms=14,
-            mew=2,
-            label=f"TP {world} predicted",
-        )
-        ax.set_xticks(x, [f"batch {b}" for b in batches])
-        ax.set(yscale="log", ylabel="ms per MLP forward (median, IQR)", title=f"hidden {hidden}")
-    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=5, fontsize=8, frameon=False)
-    fig.suptitle(f"Megatron MLP, TP 1 vs {world} ({backend}): predicted and measured")
-    return fig
-
-
-def tp_planner(scaling, tps) -> plt.Figure:
-    """The planner's batch-1 TPOT and per-GPU throughput against the TP degree, one line per
-    all-reduce latency α (`scaling` rows: α, tp, tpot_ms, tokens_per_s_per_gpu), each α in its
-    engine's colour (`style("engine")`: gpt-fast, production, a PCIe box); the key below both
-    panels, off every line."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for name, g in scaling.groupby("α", observed=True, sort=False):
-        look = {**style("engine", name), "label": name}
-        axes[0].plot(g.tp, g.tpot_ms, **look)
-        axes[1].plot(g.tp, g.tokens_per_s_per_gpu, **look)
-    axes[0].set(
-        ylabel="ms per token (batch 1)", title="Llama-2-7B fp16 on H100s: latency (planner)"
-    )
-    axes[1].set(ylabel="tokens/s per GPU (batch 64)", title="throughput per GPU (planner)")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        _log2_ticks(ax, tps)
-        ax.set_xlabel("TP degree")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False
-    )
     return fig

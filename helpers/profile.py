@@ -42,17 +42,26 @@ PYTHON = "Python between ops"
 CATEGORIES = (MATMULS, ATTENTION, ELEMENTWISE, MOVEMENT, FRAMEWORK, PYTHON)
 
 _PATTERNS = [  # first match wins; names are ATen's (aten::mm) or a library's (quantized::…)
-    (MATMULS, r"::(mm|addmm|bmm|_int_mm|_weight_int\w*pack\w*mm\w*|linear_dynamic\w*|"
-              r"_linear_pointwise|_mkl_linear|mkldnn_linear)$|quantized::linear"),
+    (
+        MATMULS,
+        r"::(mm|addmm|bmm|_int_mm|_weight_int\w*pack\w*mm\w*|linear_dynamic\w*|"
+        r"_linear_pointwise|_mkl_linear|mkldnn_linear)$|quantized::linear",
+    ),
     (ATTENTION, r"scaled_dot_product|flash_attention|efficient_attention|_softmax|softmax"),
-    (MOVEMENT, r"::(copy_|index_copy_?|cat|index|index_select|embedding|_to_copy|clone|"
-               r"contiguous|fill_|zero_|zeros|ones|empty\w*|stack|gather|scatter\w*|"
-               r"narrow_copy|masked_fill_?|arange|resize_)$"),
-    (FRAMEWORK, r"::(view|reshape|_reshape_alias|transpose|t|as_strided|slice|select|unsqueeze|"
-                r"squeeze|expand|_unsafe_view|narrow|linear|matmul|to|detach|alias|lift_fresh|"
-                r"permute|split|chunk|unbind|numpy_T|_has_compatible_shallow_copy_type|item|"
-                r"_local_scalar_dense|result_type|scaled_dot_product_attention)$"),
-]  # fmt: skip
+    (
+        MOVEMENT,
+        r"::(copy_|index_copy_?|cat|index|index_select|embedding|_to_copy|clone|"
+        r"contiguous|fill_|zero_|zeros|ones|empty\w*|stack|gather|scatter\w*|"
+        r"narrow_copy|masked_fill_?|arange|resize_)$",
+    ),
+    (
+        FRAMEWORK,
+        r"::(view|reshape|_reshape_alias|transpose|t|as_strided|slice|select|unsqueeze|"
+        r"squeeze|expand|_unsafe_view|narrow|linear|matmul|to|detach|alias|lift_fresh|"
+        r"permute|split|chunk|unbind|numpy_T|_has_compatible_shallow_copy_type|item|"
+        r"_local_scalar_dense|result_type|scaled_dot_product_attention)$",
+    ),
+]
 
 
 def category(op: str) -> str:
@@ -65,8 +74,9 @@ def category(op: str) -> str:
     return ELEMENTWISE
 
 
-def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory: bool = False,
-             device=None) -> pd.DataFrame:  # fmt: skip
+def op_table(
+    fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory: bool = False, device=None
+) -> pd.DataFrame:
     """`fn()` profiled `repeats` times: one row per operation name, per call of `fn`.
 
     Columns: op, category, calls, top_calls (called from Python, not from another op), self_s
@@ -94,8 +104,14 @@ def op_table(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, memory
         profiled_s = (time.perf_counter() - start) / repeats
     rows: dict[str, dict] = {}
     for event in prof.events():
-        empty = {"op": event.name, "calls": 0, "top_calls": 0, "self_s": 0.0, "device_s": 0.0,
-                 "self_bytes": 0}  # fmt: skip
+        empty = {
+            "op": event.name,
+            "calls": 0,
+            "top_calls": 0,
+            "self_s": 0.0,
+            "device_s": 0.0,
+            "self_bytes": 0,
+        }
         row = rows.setdefault(event.name, empty)
         row["calls"] += 1
         row["device_s"] += getattr(event, "self_device_time_total", 0) * 1e-6
@@ -170,9 +186,15 @@ def decode_step_ops(model, batch: int = 1, context: int = 64, repeats: int = 4) 
     return op_table(step, repeats=repeats, device=param.device)
 
 
-def predict_decode_step(model, ops: pd.DataFrame, ceilings, costs: dict[str, float],
-                        batch: int = 1, context: int = 64,
-                        bandwidth: float | None = None) -> dict[str, float]:  # fmt: skip
+def predict_decode_step(
+    model,
+    ops: pd.DataFrame,
+    ceilings,
+    costs: dict[str, float],
+    batch: int = 1,
+    context: int = 64,
+    bandwidth: float | None = None,
+) -> dict[str, float]:
     """First-principles seconds per category for the decode step profiled in `ops`.
 
     Kernels: weight matmuls max(bytes ÷ read bandwidth, FLOPs ÷ the measured rate of
@@ -188,8 +210,10 @@ def predict_decode_step(model, ops: pd.DataFrame, ceilings, costs: dict[str, flo
     flops = 2 * batch * shape.linear_params
     rate = skinny_rate(ceilings.linear_flops, batch, ceilings.peak("fp32"))
     kv = 2 * shape.layers * batch * context * shape.kv_heads * shape.head_dim
-    kernels = {MATMULS: max(matmul_bytes / bw, flops / rate),
-               ATTENTION: kv * param.element_size() / bw}  # fmt: skip
+    kernels = {
+        MATMULS: max(matmul_bytes / bw, flops / rate),
+        ATTENTION: kv * param.element_size() / bw,
+    }
     calls = ops.groupby("category").calls.sum()
     predicted = {
         c: kernels.get(c, 0.0) + calls.get(c, 0.0) * costs["aten_s"] for c in CATEGORIES[:-1]
@@ -204,5 +228,6 @@ def compare(measured: pd.DataFrame, predicted: dict[str, float]) -> pd.DataFrame
     out["measured_ms"] = out.measured_s * 1e3
     out["predicted_ms"] = out.predicted_s * 1e3
     out["measured ÷ predicted"] = out.measured_s / out.predicted_s
-    return out[["category", "calls", "predicted_ms", "measured_ms", "measured ÷ predicted",
-                "share"]]  # fmt: skip
+    return out[
+        ["category", "calls", "predicted_ms", "measured_ms", "measured ÷ predicted", "share"]
+    ]

@@ -174,8 +174,11 @@ def load_or_measure(device: torch.device, preset: Preset) -> Ceilings:
         try:
             ceilings = Ceilings.load(path)
         except CeilingsFileError as err:
-            print(f"{err}: measuring the ceilings again (~1 min) and saving them anew",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{err}: measuring the ceilings again (~1 min) and saving them anew",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             if ceilings.machine == machine_key(device) and ceilings.step_overhead_s is not None:
                 return ceilings
@@ -274,9 +277,16 @@ def read_sweep(device, sizes: list[int], repeats: int = 7) -> pd.DataFrame:
         view = x.expand(times, x.numel())
         t = measure(lambda v=view: v.sum(), repeats=repeats, device=device)
         read = nbytes * times
-        rows.append({"bytes": nbytes, "reads_per_call": times, "seconds": t.median,
-                     "bandwidth": read / t.median, "low": read / t.q3,
-                     "high": read / t.q1})  # fmt: skip
+        rows.append(
+            {
+                "bytes": nbytes,
+                "reads_per_call": times,
+                "seconds": t.median,
+                "bandwidth": read / t.median,
+                "low": read / t.q3,
+                "high": read / t.q1,
+            }
+        )
         del x, view
     return pd.DataFrame(rows)
 

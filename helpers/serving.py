@@ -96,6 +96,7 @@ from helpers.stepmodel import (
 )
 from helpers.workloads import Request, check_requests, poisson_trace, published_lengths
 
+# What notebooks reach through `serving`, by origin: here and workloads, paged, stepmodel, metrics
 __all__ = [
     "POLICIES", "Request", "Seq", "ServingEngine", "run", "poisson_trace", "published_lengths",
     "BlockAllocator", "Feed", "KVBudgetError", "PagedKVCache", "QuantizedPagedKVCache",
@@ -287,15 +288,27 @@ class ServingEngine:
 
     def log(self, now: float, step_s: float, work: list[tuple[Seq, int]], preempted: int) -> None:
         shape, fed = step_shape(work), {id(s): n for s, n in work}
-        self.steps.append({
-            "start_s": now, "step_s": step_s, "seqs": shape.seqs, "decode_seqs": shape.decode_seqs,
-            "prefill_seqs": shape.seqs - shape.decode_seqs, "prefill_tokens": shape.prefill_tokens,
-            "tokens": shape.tokens, "context": shape.context, "blocks_in_use": self.alloc.in_use,
-            "kv_tokens": sum(s.cached + fed.get(id(s), 0) for s in self.running),
-            "reserved_tokens": sum(s.prompt_len + s.request.max_new_tokens for s in self.running),
-            "running": len(self.running), "waiting": len(self.waiting),
-            "in_system": self.arrived - self.finished, "preempted": preempted,
-        })  # fmt: skip
+        self.steps.append(
+            {
+                "start_s": now,
+                "step_s": step_s,
+                "seqs": shape.seqs,
+                "decode_seqs": shape.decode_seqs,
+                "prefill_seqs": shape.seqs - shape.decode_seqs,
+                "prefill_tokens": shape.prefill_tokens,
+                "tokens": shape.tokens,
+                "context": shape.context,
+                "blocks_in_use": self.alloc.in_use,
+                "kv_tokens": sum(s.cached + fed.get(id(s), 0) for s in self.running),
+                "reserved_tokens": sum(
+                    s.prompt_len + s.request.max_new_tokens for s in self.running
+                ),
+                "running": len(self.running),
+                "waiting": len(self.waiting),
+                "in_system": self.arrived - self.finished,
+                "preempted": preempted,
+            }
+        )
 
 
 def _is_decode(seq: Seq, n: int) -> bool:
@@ -451,15 +464,23 @@ def _results(seqs, errors, engine, simulated) -> pd.DataFrame:
     rows = []
     for s in seqs:
         r = s.request
-        rows.append({
-            "request": s.index, "prompt_tokens": s.prompt_len, "max_new_tokens": r.max_new_tokens,
-            "output_tokens": s.generated, "arrival_s": r.arrival_s, "admitted_s": s.admitted_s,
-            "first_token_s": s.token_s[0] if s.token_s else math.nan,
-            "finish_s": s.token_s[-1] if s.done and s.token_s else math.nan,
-            "token_s": s.token_s, "tokens": [] if simulated else s.tokens[s.prompt_len :],
-            "preemptions": s.preemptions, "error": errors.get(s.index, ""),
-            **request_metrics(s.token_s, r.arrival_s),
-        })  # fmt: skip
+        rows.append(
+            {
+                "request": s.index,
+                "prompt_tokens": s.prompt_len,
+                "max_new_tokens": r.max_new_tokens,
+                "output_tokens": s.generated,
+                "arrival_s": r.arrival_s,
+                "admitted_s": s.admitted_s,
+                "first_token_s": s.token_s[0] if s.token_s else math.nan,
+                "finish_s": s.token_s[-1] if s.done and s.token_s else math.nan,
+                "token_s": s.token_s,
+                "tokens": [] if simulated else s.tokens[s.prompt_len :],
+                "preemptions": s.preemptions,
+                "error": errors.get(s.index, ""),
+                **request_metrics(s.token_s, r.arrival_s),
+            }
+        )
     df = pd.DataFrame(rows)
     df["queue_s"] = df.admitted_s - df.arrival_s
     df.attrs["steps"] = pd.DataFrame(engine.steps)

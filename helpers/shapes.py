@@ -136,8 +136,13 @@ class Shape:
         return self.params - (0 if self.tied_embeddings else self.vocab * self.hidden)
 
 
-_CONFIG_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                  "vocab_size")  # fmt: skip
+_CONFIG_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+)
 
 
 def _sizes(shape, batch, tokens, bytes_per_value, tokens_name="context"):
@@ -203,8 +208,11 @@ def check_tp_degree(tp: int, *, heads: int, kv_heads: int, intermediate: int) ->
         ("MLP width", intermediate),
     ):
         if n % tp:
-            divisors = [d for d in range(1, n + 1) if n % d == 0 and heads % d == 0
-                        and kv_heads % d == 0 and intermediate % d == 0]  # fmt: skip
+            divisors = [
+                d
+                for d in range(1, n + 1)
+                if n % d == 0 and heads % d == 0 and kv_heads % d == 0 and intermediate % d == 0
+            ]
             raise ValueError(
                 f"TP degree {tp} does not divide the {n} {what}; use one of {divisors}."
             )

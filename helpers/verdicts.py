@@ -246,8 +246,9 @@ def say(decision: Decision | tuple[str, str], **texts: str) -> str:
 
 def ms(median_s: float, q1_s: float | None = None, q3_s: float | None = None) -> str:
     """Evidence text of a timing given in seconds: '12.3 ms (IQR 11.9–12.8)'."""
-    median_s, q1_s, q3_s = (_number(n, v) for n, v in (("median_s", median_s), ("q1_s", q1_s),
-                                                        ("q3_s", q3_s)))  # fmt: skip
+    median_s, q1_s, q3_s = (
+        _number(n, v) for n, v in (("median_s", median_s), ("q1_s", q1_s), ("q3_s", q3_s))
+    )
     if median_s is None:
         return "not measured"
     text = f"{_g(median_s * 1e3)} ms"

@@ -23,6 +23,7 @@ LAYERS = {
         "stepcost",
         "verdicts",
         "explain",
+        "explain_server",
         "stepmodel",
         "serving_metrics",
     },
@@ -57,7 +58,15 @@ LAYERS = {
         "kvquant",
     },
     "probes": {"overhead", "roofline", "profile"},
-    "lab": {"plots", "widgets", "exercises", "workbook", "workbook_one_device", "workbook_serving"},
+    "lab": {
+        "plots",
+        "plots_parallel",
+        "widgets",
+        "exercises",
+        "workbook",
+        "workbook_one_device",
+        "workbook_serving",
+    },
 }
 RANK = {module: i for i, names in enumerate(LAYERS.values()) for module in names}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import launch, plots, shapes, tp, tp_workers
+from helpers import launch, plots, plots_parallel, shapes, tp, tp_workers
 
 torch.manual_seed(0)
 
@@ -332,7 +332,7 @@ def _layers_frame():
 def test_tp_compute_vs_comm_colours_the_all_reduce_as_every_figure_does():
     layers = _layers_frame()
     predicted = layers[layers.tp == 1].set_index(["hidden", "batch"]).total_s * 1e3 / 2
-    fig = plots.tp_compute_vs_comm(layers, predicted, 2, "gloo")
+    fig = plots_parallel.tp_compute_vs_comm(layers, predicted, 2, "gloo")
     ax = fig.axes[0]
     bars = [c for c in ax.containers if hasattr(c, "patches")]  # not the error bars
     colour = {c.get_label(): mcolors.to_hex(c.patches[0].get_facecolor()) for c in bars}
@@ -355,7 +355,7 @@ def test_tp_planner_puts_its_key_outside_both_panels():
             for t in (1, 2, 4, 8)
         ]
     )
-    fig = plots.tp_planner(scaling, [1, 2, 4, 8])
+    fig = plots_parallel.tp_planner(scaling, [1, 2, 4, 8])
     assert all(ax.get_legend() is None for ax in fig.axes) and fig.legends
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == ["1", "2", "4", "8"]
