@@ -4,11 +4,14 @@ A notebook's markdown states no result; where a sentence compares or concludes, 
 writes it from the numbers the run measured, worded by the same rule its verdict uses (stated in
 the text). The tests run these functions on the stored measurements of several CPUs
 (`data/measured/cpu_decode_gap.csv`), so the text is checked on machines the author never saw.
+Notebook 06's sentences about a real server are in `helpers.explain_server`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+from helpers import verdicts
 
 BOUND_BY_BYTES = 1.5  # a step within 1.5× its bandwidth floor counts as set by its bytes
 SAME = 0.05  # two single timings closer than 5 % are not told apart
@@ -221,79 +224,50 @@ def check_rows_missed(missed: list[str], lowest: str, share: float) -> str:
     )
 
 
-def throughput_miss(
-    concurrency: int,
-    share: float,
-    running_mean: float,
-    itl_one_s: float,
-    itl_p50_s: float,
-    itl_mean_s: float,
+# --- Notebook 05: the course's serving engine under load --------------------------------------
+
+
+def latency_knees(knees: Mapping[str, float | None], capacity: float, last_load: float) -> str:
+    """Where each policy's median latency first passed 2× its light-load value: `knees` holds the
+    offered rate (requests/s) where it did, or None where it did not up to `last_load` (a share
+    of `capacity`); each is said as a share of capacity."""
+    where = []
+    for policy, rate in knees.items():
+        if rate:
+            where.append(f"{policy} at {rate / capacity:.0%} of capacity")
+        else:
+            where.append(f"{policy}: none up to {last_load:.0%}")
+    return f"Knee (median latency > 2× its light-load value): {', '.join(where)}."
+
+
+def int8_cache(
+    decision,
+    peak: Mapping[str | None, int],
+    predicted: Mapping[str | None, int],
+    token_agreement: float,
+    same_answers: int,
+    answers: int,
+    dtype_name: str,
 ) -> str:
-    """Why a closed loop at `concurrency` gave `share` of the memory-bound prediction
-    (concurrency ÷ the one-stream gap), split into two measured factors: how many requests the
-    engine really held (its `/metrics` mean; a short run ramps up and drains) and how much longer
-    the mean gap between tokens was than one stream's (a larger batch per step, and the steps
-    where arriving requests' prompts were prefilled, which the p50 leaves out)."""
-    held = running_mean / concurrency
-    slower = itl_mean_s / itl_one_s
-    explained = held / slower
-    text = (
-        f"Two measured factors account for it: the engine held {running_mean:.1f} requests on "
-        f"average, {held:.0%} of the {concurrency} in flight (a short run ramps up and drains), "
-        f"and the mean gap between tokens "
-        f"was {itl_mean_s * 1e3:.0f} ms against one stream's {itl_one_s * 1e3:.0f} ms "
-        f"({slower:.2f}×: p50 {itl_p50_s * 1e3:.0f} ms, the larger batch per step; the rest, "
-        "the steps where arriving prompts were prefilled). "
-        f"Together: {held:.0%} ÷ {slower:.2f} = {explained:.0%} of the prediction"
+    """The sentence after the verdict 'an int8 paged cache runs ≥ 1.5× the requests at once':
+    `peak` and `predicted` hold the peak running requests measured and predicted, keyed None
+    (the model's dtype, `dtype_name`) and "int8"; then the answers' quality, `token_agreement`
+    (a share of tokens) and `same_answers` identical of `answers`."""
+    ratio = peak["int8"] / peak[None]
+    counts = (
+        f"{peak['int8']} against {peak[None]}; predicted {predicted['int8']} and {predicted[None]}"
     )
-    rest = share / explained
-    if abs(rest - 1) <= 0.25:
-        return text + f", within 25 % of the {share:.0%} measured."
-    return text + (
-        f", against {share:.0%} measured: a factor {rest:.2f} these two do not explain (the "
-        "client's own time between requests, or token counts that differ from the planned ones)."
+    ran = verdicts.say(
+        decision,
+        holds=f"With int8 keys and values **{ratio:.1f}×** as many requests ran at once in the "
+        f"same memory ({counts}).",
+        fails=f"int8 ran only {ratio:.1f}× as many at once ({counts}): section 11 diagnoses it.",
     )
-
-
-def engine_versus_vllm(
-    tpot_ratio: float, ttft_ratio: float, waited_s: float | None, threads: int
-) -> str:
-    """The course's engine against vLLM on the same trace: `tpot_ratio` and `ttft_ratio` are
-    course ÷ vLLM (p50s); `waited_s` the course's median queue time when it queued (else None);
-    `threads`: torch's threads in this kernel. Ratios within 10 % count as the same."""
-    text = (
-        _against_vllm(tpot_ratio, "The course engine's TPOT p50", "faster")
-        + "; "
-        + _against_vllm(ttft_ratio, "its TTFT p50", "sooner")
-        + ". "
+    return ran + (
+        f" **Quality:** {token_agreement:.1%} of the generated tokens equal the {dtype_name} "
+        f"cache's, position by position, and {same_answers} of {answers} answers are identical "
+        "(greedy decoding: after its first changed token an answer goes its own way). Notebook "
+        "02 measured the int8 cache's perplexity over 1,024 tokens, and timed what this path "
+        "pays: each step dequantizes the slots it reads, so the cache is smaller, the step no "
+        "cheaper."
     )
-    if waited_s is not None:
-        text += (
-            f"Its requests waited a median {waited_s:.2f} s before they were admitted: at this "
-            "rate it ran past its own capacity (notebook 05's knee), so a queue adds to its steps. "
-        )
-    else:
-        text += "Its requests were admitted at once: the difference is a step's cost, not a queue. "
-    if tpot_ratio > 1.10:
-        return text + (
-            "vLLM's step is a compiled graph with fused attention on a paged cache; the course's "
-            "is eager PyTorch with Python around every layer (notebook 00's overhead)."
-        )
-    cores = (
-        f"this kernel runs torch on {threads} threads while vLLM-CPU gives its model worker one "
-        "core (it keeps one for its API server)"
-        if threads > 1
-        else "both run on one core, and vLLM's API server adds HTTP, tokenization and streaming"
-    )
-    return text + (
-        f"Not the prediction: vLLM's compiled step did not win here. The likely reason: {cores}. "
-        "To test it, rerun section 7 after `torch.set_num_threads(1)`."
-    )
-
-
-def _against_vllm(ratio: float, what: str, better: str) -> str:
-    if abs(ratio - 1) <= 0.10:
-        return f"{what} is within 10 % of vLLM's ({ratio:.2f}×)"
-    if ratio > 1:
-        return f"{what} is {ratio:.1f}× vLLM's"
-    return f"{what} is {ratio:.2f}× vLLM's ({1 / ratio:.1f}× {better})"

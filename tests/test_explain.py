@@ -5,7 +5,7 @@ import re
 import pandas as pd
 import pytest
 
-from helpers import DATA_DIR, explain, profile
+from helpers import DATA_DIR, explain, profile, verdicts
 
 MACHINES = pd.read_csv(DATA_DIR / "measured" / "cpu_decode_gap.csv")
 CLAIMS = re.compile(r"as predicted|confirms the prediction|as the roofline predicts")
@@ -130,23 +130,32 @@ def test_the_planner_misses_in_words():
     assert "The misses are h100 fp8-w8a8" in text and "h100-sxm fp8-w8a8's 42%" in text
 
 
-def test_throughput_miss_multiplies_its_two_factors():
-    # 4 of 8 held, mean gap twice one stream's: 50 % ÷ 2 = 25 % of the prediction
-    text = explain.throughput_miss(8, 0.25, 4.0, 0.05, 0.06, 0.10)
-    assert "50% of the 8 in flight" in text and "(2.00×" in text
-    assert "= 25% of the prediction, within 25 % of the 25% measured." in text
-    unexplained = explain.throughput_miss(8, 0.10, 4.0, 0.05, 0.06, 0.10)
-    assert "a factor 0.40 these two do not explain" in unexplained
-
-
-def test_engine_versus_vllm_never_calls_a_faster_engine_slower():
-    faster = explain.engine_versus_vllm(0.6, 0.6, None, 2)
-    assert "0.60× vLLM's (1.7× faster)" in faster and "Not the prediction" in faster
-    assert "slower" not in faster
-    slower = explain.engine_versus_vllm(1.8, 1.2, 0.5, 2)
-    assert (
-        "1.8× vLLM's" in slower
-        and "compiled graph" in slower
-        and "waited a median 0.50 s" in slower
+def test_latency_knees_as_shares_of_capacity_or_none_found():
+    # capacity 2 req/s: a knee at 1.6 req/s is 80 % of it; None: no knee up to the last load
+    text = explain.latency_knees({"static": 1.6, "continuous": None}, 2.0, 1.2)
+    assert text == (
+        "Knee (median latency > 2× its light-load value): static at 80% of capacity, "
+        "continuous: none up to 120%."
     )
-    assert "within 10 %" in explain.engine_versus_vllm(1.05, 0.95, None, 1)
+
+
+def test_int8_cache_says_the_verdicts_sentence_and_the_quality():
+    peak, predicted = {None: 2, "int8": 6}, {None: 2, "int8": 7}
+    held = explain.int8_cache((verdicts.HOLDS, "rule"), peak, predicted, 0.875, 5, 8, "float32")
+    assert held.startswith(
+        "With int8 keys and values **3.0×** as many requests ran at once in the same memory "
+        "(6 against 2; predicted 7 and 2). **Quality:** 87.5% of the generated tokens equal "
+        "the float32 cache's, position by position, and 5 of 8 answers are identical"
+    )
+    failed = explain.int8_cache(
+        (verdicts.FAILS, "rule"), {None: 4, "int8": 5}, predicted, 1.0, 8, 8, "bfloat16"
+    )
+    assert failed.startswith(
+        "int8 ran only 1.2× as many at once (5 against 4; predicted 7 and 2): "
+        "section 11 diagnoses it. **Quality:** 100.0%"
+    )
+    # the verdict decides, not the numbers: at_least's own decision on the same ratio
+    decided = verdicts.at_least("peak running, int8 ÷ model dtype", 5 / 4, 1.5)
+    assert explain.int8_cache(decided, {None: 4, "int8": 5}, predicted, 1.0, 8, 8, "x") == (
+        failed.replace("bfloat16", "x")
+    )
