@@ -325,3 +325,16 @@ def planted_layer(seed: int, rows=128, cols=512, tokens=4096) -> tuple[torch.Ten
     mix = torch.randn(cols, 16, generator=g)
     x = torch.randn(tokens, 16, generator=g) @ mix.T + 0.3 * torch.randn(tokens, cols, generator=g)
     return torch.randn(rows, cols, generator=g) * 0.02, x
+
+
+def salient_layer(
+    seed: int, rows=128, cols=512, tokens=4096, salient=8, boost=20.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w (rows, cols), x (tokens, cols)): inputs whose channels differ in size (a log-normal
+    spread, e^(0.5·z)) with `salient` channels `boost`× larger, as a few channels of real
+    activations are, so AWQ's per-channel scales have work to do (α = 0 is round-to-nearest)."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.exp(0.5 * torch.randn(cols, generator=g))
+    spread[torch.randperm(cols, generator=g)[:salient]] *= boost
+    x = torch.randn(tokens, cols, generator=g) * spread
+    return torch.randn(rows, cols, generator=g) * 0.02, x
