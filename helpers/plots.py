@@ -10,11 +10,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, FixedFormatter, FixedLocator, LogFormatter
 
 from helpers import BUILD_DIR
 from helpers.profile import CATEGORIES
 from helpers.roofline import Ceilings, attainable_flops
-from helpers.shapes import format_bytes
 
 FIGURES_DIR = Path(os.environ.get("COURSE_FIGURES", BUILD_DIR / "figures"))
 
@@ -23,30 +23,54 @@ FIGURES_DIR = Path(os.environ.get("COURSE_FIGURES", BUILD_DIR / "figures"))
 # learned that bf16 is orange in notebook 00 finds it orange in notebook 04. Families rarely share
 # a figure, so colours repeat across families, never within one.
 _CB = sns.color_palette("colorblind", 10)
+
+
+def _family(*entries: tuple[str, str]) -> dict[str, dict]:
+    return {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(entries)}
+
+
 STYLES: dict[str, dict[str, dict]] = {
-    "precision": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
-        [("fp32", "o"), ("bf16", "s"), ("fp16", "^"), ("int8", "D"), ("int4", "v"),
-         ("fp8", "P"), ("nf4", "X"), ("int3", "<"), ("fp8-w8a8", "*")])},
-    "policy": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
-        [("static", "s"), ("continuous", "o"), ("chunked", "^"), ("reservation", "D")])},
-    "engine": {name: {"color": _CB[i], "marker": m} for i, (name, m) in enumerate(
-        [("course", "o"), ("vllm", "s"), ("gpt-fast", "^"), ("production", "D")])},
-    "tp": {f"TP {t}": {"color": _CB[i], "marker": m} for i, (t, m) in enumerate(
-        [(1, "o"), (2, "s"), (4, "^"), (8, "D"), (16, "v")])},
+    "precision": _family(("fp32", "o"), ("bf16", "s"), ("fp16", "^"), ("int8", "D"), ("int4", "v"),
+                         ("fp8", "P"), ("nf4", "X"), ("int3", "<"), ("fp8-w8a8", "*")),
+    "policy": _family(("static", "s"), ("continuous", "o"), ("chunked", "^"), ("reservation", "D")),
+    # the planner's engines, a PCIe box's assumed α, and notebook 00's ways to decode
+    "engine": _family(("course", "o"), ("vllm", "s"), ("gpt-fast", "^"), ("production", "D"),
+                      ("pcie box", "v"), ("eager", "<"), ("generate", "h"),
+                      ("generate, growing cache", "X"), ("matmuls only", ">"), ("compiled", "P")),
+    "tp": _family(("TP 1", "o"), ("TP 2", "s"), ("TP 4", "^"), ("TP 8", "D"), ("TP 16", "v")),
+    # what limits an operation (notebook 00's three limits, the roofline's memory roof, a TP
+    # step's parts): memory and overhead in colours no roof of the roofline takes (0–3)
+    "limit": {"compute": {"color": _CB[0], "marker": "^"},
+              "memory": {"color": _CB[4], "marker": "o"},
+              "overhead": {"color": _CB[5], "marker": "s"}},
     "collective": {"compute": {"color": _CB[0], "marker": "o"},
                    "all-reduce": {"color": _CB[3], "marker": "s"},
                    "skew": {"color": _CB[7], "marker": "^"}},
 }  # fmt: skip
 STYLES["category"] = {c: {"color": _CB[i], "marker": "s"} for i, c in enumerate(CATEGORIES)}
-STYLES["engine"]["pcie box"] = {"color": _CB[4], "marker": "v"}  # an α assumed for PCIe
-STYLES["engine"]["eager"] = {"color": _CB[5], "marker": "v"}  # the planner's engines
-STYLES["engine"]["compiled"] = {"color": _CB[9], "marker": "P"}
+# Every backend of `helpers.quant_backends.BACKENDS` in its precision's colour (the format its
+# linears hold), one marker per implementation: the int8 backends share int8's colour and differ
+# by marker (tests/test_plot_styles.py checks every backend has an entry).
+_IMPLEMENTATION_MARKERS = [("deprecated", "X"), ("dynamic (torchao)", "P"), ("torchao", "s"),
+                           ("bitsandbytes", "^"), ("pytorch op", "D")]  # fmt: skip
+_BACKEND_NAMES = [
+    "fp32", "bf16", "fp16", "int8 weight-only (PyTorch op)", "int4 weight-only (PyTorch op)",
+    "int8 weight-only (torchao)", "int8 dynamic (torchao)", "int4 weight-only (torchao)",
+    "int8 (bitsandbytes)", "nf4 (bitsandbytes)", "torch.ao dynamic int8 (deprecated)",
+]  # fmt: skip
+
+
+def _backend_look(name: str) -> dict:
+    precision = style("precision", name)
+    marker = next((m for key, m in _IMPLEMENTATION_MARKERS if key in name.lower()), None)
+    return {"color": precision["color"], "marker": marker or precision["marker"]}
 
 
 def style(family: str, name: str) -> dict:
     """The colour and marker of entity `name` of `family` ("precision", "policy", "engine",
-    "tp", "collective", "category"). A name is matched exactly, then by the family's key it
-    contains ("int8 weight-only (torchao)" is an int8; "chunk 32" a chunked policy)."""
+    "tp", "collective", "category", "limit", "backend"). A name is matched exactly, then by the
+    family's key it contains ("int8 weight-only (torchao)" is an int8; "chunk 32" a chunked
+    policy)."""
     if family not in STYLES:
         raise KeyError(f"no style family {family!r}: use one of {sorted(STYLES)}")
     entries = STYLES[family]
@@ -59,6 +83,9 @@ def style(family: str, name: str) -> dict:
         if known.lower() in key:
             return dict(entries[known])
     raise KeyError(f"no {family} style for {name!r}: add it to helpers.plots.STYLES")
+
+
+STYLES["backend"] = {name: _backend_look(name) for name in _BACKEND_NAMES}
 
 
 def use_style() -> None:
@@ -78,6 +105,78 @@ def save(fig: plt.Figure, name: str) -> Path:
     return path
 
 
+# --- Readable axes and labels ---------------------------------------------------------------
+
+
+class PlainLogFormatter(LogFormatter):
+    """A log axis's ticks in one format: plain numbers with thousands separators ("0.01", "100",
+    "1,000"), or with SI prefixes when `unit` is given ("10 µs", "1 G"); matplotlib's choice of
+    which minor ticks to label (some, when the axis spans less than a decade) is kept."""
+
+    def __init__(self, unit: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.unit = unit
+        self.eng = None if unit is None else EngFormatter(unit=unit, sep=" " if unit else "")
+
+    def _num_to_string(self, x, vmin, vmax):
+        if self.eng is not None:
+            return self.eng.format_eng(x)
+        if x >= 1:
+            return f"{x:,.0f}" if x == round(x) else f"{x:,.3g}"
+        return np.format_float_positional(x, precision=3, unique=True, fractional=False, trim="-")
+
+
+def log_format(ax: plt.Axes, axis: str = "both", unit: str | None = None) -> None:
+    """One plain tick format on the log axes of `ax` ("x", "y" or "both"; a linear axis is left
+    alone): call it after the scale is set. `unit` (e.g. "s", "B", "" for a bare prefix) writes
+    SI prefixes instead of zeros: "10 µs" rather than "0.00001"."""
+    for name in ("x", "y") if axis == "both" else (axis,):
+        axis_ = ax.xaxis if name == "x" else ax.yaxis
+        if axis_.get_scale() != "log":
+            continue
+        axis_.set_major_formatter(PlainLogFormatter(unit, labelOnlyBase=False))
+        axis_.set_minor_formatter(
+            PlainLogFormatter(unit, labelOnlyBase=False, minor_thresholds=(1, 0.4))
+        )
+
+
+def log2_ticks(ax: plt.Axes, ticks, axis: str = "x", labels: list[str] | None = None) -> None:
+    """Only `ticks` on a log axis, written in full ("1,024") or as `labels`, no minor labels."""
+    axis_ = ax.xaxis if axis == "x" else ax.yaxis
+    ticks = sorted({int(t) if float(t).is_integer() else float(t) for t in ticks})
+    axis_.set_major_locator(FixedLocator(ticks))
+    axis_.set_major_formatter(FixedFormatter(labels or [f"{t:,}" for t in ticks]))
+    axis_.set_minor_locator(plt.NullLocator())
+
+
+def label_point(ax: plt.Axes, x, y, text: str, offset=(6, 6), **kwargs) -> plt.Annotation:
+    """`text` written `offset` points (dx, dy) away from the point (x, y), aligned away from it
+    (a label to the left ends at its point, one below hangs under it) with a short grey leader
+    line from the point, so a label never covers the point it names."""
+    dx, dy = offset
+    va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+    kwargs = {"fontsize": 7, **kwargs}
+    return ax.annotate(
+        text,
+        (x, y),
+        xytext=offset,
+        textcoords="offset points",
+        ha="left" if dx >= 0 else "right",
+        va=va,
+        arrowprops={"arrowstyle": "-", "color": "0.45", "lw": 0.6, "shrinkA": 0, "shrinkB": 4},
+        **kwargs,
+    )
+
+
+def key_right(ax: plt.Axes, **kwargs) -> None:
+    """The axes' key outside it, on the right, where it covers no data."""
+    kwargs = {"fontsize": 8, "frameon": False, **kwargs}
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), **kwargs)
+
+
+# --- Notebook 00's roofline (its machine figures: helpers.plots_machine) ----------------------
+
+
 def roofline(
     ceilings: Ceilings,
     points: list[dict] | None = None,
@@ -93,155 +192,74 @@ def roofline(
     measured roof of its own at their intensity, 2 · batch FLOPs per weight of `skinny_bytes`.
     `attainable(intensity, peak, bandwidth)` draws the roofs (notebook 00 passes its own).
     `points`: dicts with `intensity` (FLOP/byte), `flops` (FLOP/s) and optionally `label`,
-    `dtype` (coloured like that dtype's roof), `marker` and `xytext` (label offset in points).
+    `dtype` (coloured like that dtype's roof), `engine` (coloured like that engine), `marker` and
+    `xytext` (label offset in points, see `label_point`). A later format's points are drawn
+    hollow and larger, so one at the same intensity as an earlier format's does not hide it.
     """
     ax = ax or plt.subplots()[1]
     bandwidth = bandwidth or ceilings.read_bandwidth
+    _roofs(ax, ceilings, bandwidth, attainable)
+    if skinny:
+        batches = sorted(skinny)
+        xs = [2 * b / skinny_bytes for b in batches]
+        label = f"decode-shaped products, batch {batches[0]}–{batches[-1]} (measured)"
+        ax.plot(xs, [skinny[b] for b in batches], "-D", color="black", ms=4, lw=1, label=label)
+    _roof_points(ax, points or [], list(ceilings.matmul_flops))
+    top = max(ceilings.matmul_flops.values())
+    low = min([top / 1e4] + [p["flops"] / 3 for p in points or []])  # every point shown
+    ax.set(xscale="log", yscale="log", ylim=(low, top * 3))
+    log_format(ax, "x")
+    log_format(ax, "y", unit="")
+    ax.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="attainable FLOP/s")
+    ax.set_title(f"Roofline of this machine ({ceilings.device}), measured")
+    key_right(ax)
+    return ax
+
+
+def _roofs(ax: plt.Axes, ceilings: Ceilings, bandwidth: float, attainable: Callable) -> None:
+    """One roof per dtype in its colour (equal peaks, fp16 = fp32 on some CPUs, both show by
+    their dashes), and the memory roof in the memory limit's colour."""
     intensities = np.logspace(-2, 4, 200)
-    colors = {dtype: style("precision", dtype)["color"] for dtype in ceilings.matmul_flops}
-    dashes = ["-", "--", "-.", ":"]  # roofs of equal peaks (fp16 = fp32 on some CPUs) both show
+    dashes = ["-", "--", "-.", ":"]
     for k, (dtype, peak) in enumerate(ceilings.matmul_flops.items()):
         roof = [attainable(i, peak, bandwidth) for i in intensities]
-        label = f"{dtype} matmul peak {peak / 1e9:,.0f} GFLOP/s"
         ax.plot(
-            intensities, roof, color=colors[dtype], ls=dashes[k % 4], lw=2.2 - 0.4 * k, label=label
+            intensities,
+            roof,
+            color=style("precision", dtype)["color"],
+            ls=dashes[k % 4],
+            lw=2.2 - 0.4 * k,
+            label=f"{dtype} matmul peak {peak / 1e9:,.0f} GFLOP/s",
         )
+    memory = f"memory roof: {bandwidth / 1e9:.3g} GB/s"
     ax.plot(
         intensities,
         intensities * bandwidth,
         ls=":",
-        color="grey",
-        label=f"memory roof: {bandwidth / 1e9:.3g} GB/s",
+        label=memory,
+        color=style("limit", "memory")["color"],
     )
-    if skinny:
-        batches = sorted(skinny)
-        xs = [2 * b / skinny_bytes for b in batches]
-        ax.plot(
-            xs,
-            [skinny[b] for b in batches],
-            "-D",
-            color="black",
-            ms=4,
-            lw=1,
-            label=f"decode-shaped products, batch {batches[0]}–{batches[-1]} (measured)",
+
+
+def _roof_points(ax: plt.Axes, points: list[dict], formats: list[str]) -> None:
+    for p in points:
+        dtype, engine = p.get("dtype"), p.get("engine")
+        look = style("engine", engine) if engine else style("precision", dtype) if dtype else {}
+        color = look.get("color", "black")
+        marker = p.get("marker") or look.get("marker", "o")
+        k = formats.index(dtype) if dtype in formats else 0
+        size = (150 if marker == "*" else 50) * (1 + 0.6 * k)
+        face = (
+            {"color": color, "edgecolor": "white"}
+            if k == 0
+            else {"facecolor": "none", "edgecolor": color, "linewidth": 1.5}
         )
-    for p in points or []:
-        color = colors.get(p.get("dtype"), "black")
-        marker = p.get("marker") or (
-            style("precision", p["dtype"])["marker"] if "dtype" in p else "o"
-        )
-        ax.scatter(
-            p["intensity"],
-            p["flops"],
-            s=150 if marker == "*" else 50,
-            zorder=3,
-            color=color,
-            marker=marker,
-            edgecolor="white",
-        )
+        ax.scatter(p["intensity"], p["flops"], s=size, zorder=3 + k, marker=marker, **face)
         if p.get("label"):
             # to the left, below: the next point to the right is the same format at n × 2
-            ax.annotate(
-                p["label"],
-                (p["intensity"], p["flops"]),
-                xytext=p.get("xytext", (-4, -14)),
-                textcoords="offset points",
-                fontsize=8,
-                ha="right",
+            label_point(
+                ax, p["intensity"], p["flops"], p["label"], p.get("xytext", (-8, -10)), fontsize=8
             )
-    top = max(ceilings.matmul_flops.values())
-    ax.set(xscale="log", yscale="log", ylim=(top / 1e4, top * 3))
-    ax.set(xlabel="arithmetic intensity (FLOP / byte)", ylabel="attainable FLOP/s")
-    ax.set_title(f"Roofline of this machine ({ceilings.device}), measured")
-    ax.legend(fontsize=8, loc="lower right")
-    return ax
-
-
-def three_limits(sweep, overhead_s: float, ax: plt.Axes | None = None) -> plt.Axes:
-    """Measured time per operation against its first-principles time, coloured by which limit
-    the model says rules it: overhead, memory or compute (`helpers.overhead.work_sweep` rows)."""
-    ax = ax or plt.subplots()[1]
-    ideal = np.maximum(sweep.memory_s, sweep.compute_s)
-    regime = np.where(
-        overhead_s > ideal,
-        "overhead",
-        np.where(sweep.memory_s >= sweep.compute_s, "memory", "compute"),
-    )
-    for name, marker in (("overhead", "s"), ("memory", "o"), ("compute", "^")):
-        sel = regime == name
-        ax.errorbar(
-            ideal[sel],
-            sweep.measured_s[sel],
-            fmt=marker,
-            ms=8,
-            capsize=3,
-            yerr=[sweep.measured_s[sel] - sweep.q1_s[sel], sweep.q3_s[sel] - sweep.measured_s[sel]],
-            label=f"{name}-bound (predicted)",
-        )
-    for r, x, kind in zip(sweep.itertuples(), ideal, regime, strict=True):
-        below = kind != "compute"  # compute-bound labels go above: they share x with memory ones
-        ax.annotate(
-            f"{r.rows}×{r.n}",
-            (x, r.measured_s),
-            xytext=(5, -10 if below else 6),
-            textcoords="offset points",
-            fontsize=7,
-        )
-    xs = np.logspace(np.log10(ideal.min() / 3), np.log10(ideal.max() * 3), 100)
-    ax.plot(xs, xs, ls=":", color="grey", label="bytes ÷ bandwidth or FLOPs ÷ peak")
-    ax.plot(
-        xs,
-        xs + overhead_s,
-        color="black",
-        lw=1,
-        label=f"+ overhead {overhead_s * 1e6:.1f} µs per op",
-    )
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="first-principles time per product (s)",
-        ylabel="measured time per product (s)",
-    )
-    ax.legend(fontsize=8)
-    return ax
-
-
-def read_staircase(
-    sweep, caches: dict[str, int], working_set: int | None = None, ax: plt.Axes | None = None
-) -> plt.Axes:
-    """Read bandwidth against buffer size (`roofline.read_sweep` rows), each cache level's size
-    drawn as a vertical line and the bytes of one decode step marked."""
-    ax = ax or plt.subplots(figsize=(7, 3.4))[1]
-    gbs = 1e9
-    ax.errorbar(
-        sweep.bytes,
-        sweep.bandwidth / gbs,
-        fmt="o-",
-        capsize=3,
-        color="C0",
-        yerr=[(sweep.bandwidth - sweep.low) / gbs, (sweep.high - sweep.bandwidth) / gbs],
-        label="read bandwidth (sum of one buffer)",
-    )
-    shown = {k: v for k, v in caches.items() if v >= sweep.bytes.min() / 4}  # L1: off the left
-    for size in shown.values():
-        ax.axvline(size, color="grey", ls="--", lw=1)
-    if working_set:
-        ax.axvline(working_set, color="crimson", lw=1.5, label="bytes one decode step reads")
-    ax.set(xscale="log", xlabel="buffer size (bytes)", ylabel="GB/s", ylim=(0, None))
-    low, high = np.log(ax.get_xlim())
-    for i, (level, size) in enumerate(sorted(shown.items())):
-        right = (np.log(size) - low) / (high - low) > 0.8  # near the edge: write it to the left
-        ax.annotate(
-            f"{level} {format_bytes(size)}",
-            (size, 1),
-            xycoords=("data", "axes fraction"),
-            xytext=(-3 if right else 3, -12 - 10 * (i % 2)),
-            textcoords="offset points",
-            fontsize=8,
-            ha="right" if right else "left",
-        )
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return ax
 
 
 def profile_bars(parts, ax: plt.Axes | None = None) -> plt.Axes:
@@ -266,36 +284,25 @@ def profile_bars(parts, ax: plt.Axes | None = None) -> plt.Axes:
     return ax
 
 
-def step_overhead(steps, fit, ax: plt.Axes | None = None) -> plt.Axes:
-    """Decode-step time of tiny-width models against their layer count, with the fitted line
-    (`helpers.overhead.step_overhead` rows and `fit_line` of them)."""
-    ax = ax or plt.subplots(figsize=(6, 3.2))[1]
-    ms = 1e3
-    spread = [(steps.step_s - steps.q1_s) * ms, (steps.q3_s - steps.step_s) * ms]
-    ax.errorbar(steps.layers, steps.step_s * ms, yerr=spread, fmt="o", capsize=3)
-    label = f"{fit.intercept * ms:.2f} ms + {fit.slope * ms:.3f} ms × layers"
-    ax.plot(steps.layers, fit(steps.layers) * ms, color="black", lw=1, label=label)
-    ax.set(xlabel="layers (hidden size 64: bytes and FLOPs ≈ 0)", ylabel="ms per decode step")
-    ax.legend()
-    return ax
-
-
 def batch_sweep(runs, critical_batch: float) -> plt.Figure:
     """TPOT (with its spread) and throughput against the batch, one line per prompt length
-    (`helpers.decode.sweep` rows), with the predicted critical batch."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for prompt, g in runs[~runs.oom].groupby("prompt"):
+    (`helpers.decode.sweep` rows), with the predicted critical batch; the key right of both."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    ok = runs[~runs.oom]
+    for i, (prompt, g) in enumerate(ok.groupby("prompt")):
+        look = {"color": _CB[i % len(_CB)], "marker": "o", "label": f"prompt {prompt}"}
         spread = [(g.tpot_s - g.tpot_q1_s) * 1e3, (g.tpot_q3_s - g.tpot_s) * 1e3]
-        axes[0].errorbar(
-            g.batch, g.tpot_s * 1e3, yerr=spread, marker="o", capsize=3, label=f"prompt {prompt}"
-        )
-        axes[1].plot(g.batch, g.tokens_per_s, marker="o", label=f"prompt {prompt}")
+        axes[0].errorbar(g.batch, g.tpot_s * 1e3, yerr=spread, capsize=3, **look)
+        axes[1].plot(g.batch, g.tokens_per_s, **look)
+    label = f"predicted critical batch ≈ {critical_batch:.0f}"
     for ax in axes:
-        ax.axvline(critical_batch, color="grey", ls="--", label="predicted critical batch")
+        ax.axvline(critical_batch, color="grey", ls="--", label=label)
         ax.set(xscale="log", xlabel="batch")
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
+        log2_ticks(ax, ok.batch)
     axes[0].set(ylabel="ms per output token (TPOT)", title="latency per step")
     axes[1].set(ylabel="tokens/s (generated ÷ latency)", yscale="log", title="throughput")
+    log_format(axes[1], "y")
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     return fig
 
 
@@ -305,19 +312,24 @@ def policy_panels(
     """Notebook 05's sweeps: one panel per column of `data` named in `panels` (its title),
     against the offered load `rate`, one line per `engine` in its policy's colour and marker
     (the same in every panel), the `capacity` dashed; panels in `log` on a log y axis; the
-    figure's title above the panels' titles and one key outside them, on the right."""
-    size = (3.6 * len(panels) + 1.5, 3.6)
+    figure's title above the panels' titles and one key below them, off every line."""
+    size = (3.6 * len(panels) + 0.5, 4.0)
     fig, axes = plt.subplots(1, len(panels), figsize=size, layout="constrained", squeeze=False)
     for ax, (key, panel_title) in zip(axes[0], panels.items(), strict=True):
         for engine, g in data.groupby("engine", sort=False):
             ax.plot(g.rate, g[key], label=engine, **style("policy", engine))
         if capacity is not None:
             ax.axvline(capacity, color="grey", ls="--", label="capacity")
-        ax.set(xlabel="offered load (requests/s)", title=panel_title)
+        ax.set(xlabel="offered load (requests/s)")
+        ax.set_title(panel_title, fontsize=10)
         if key in log:
             ax.set_yscale("log")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
-    fig.suptitle(title)
+            log_format(ax, "y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False
+    )
+    fig.suptitle(title, fontsize=12)
     return fig
 
 
@@ -330,22 +342,17 @@ def frontier(points, front, knobs: list[str], ax: plt.Axes | None = None) -> plt
         ax.scatter(g.latency_s, g.tokens_per_s, alpha=0.6, label=f"{knobs[0]} {value}", **look)
     front = front.sort_values("latency_s")
     ax.plot(front.latency_s, front.tokens_per_s, "-", color="black", lw=1, label="frontier")
-    for r in front.itertuples():
+    for r in front.itertuples():  # up the frontier: each label right of and below its point
         text = ", ".join(str(getattr(r, k)) for k in knobs[1:])
-        ax.annotate(
-            text,
-            (r.latency_s, r.tokens_per_s),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
+        label_point(ax, r.latency_s, r.tokens_per_s, text, (8, -6))
     ax.set(
         xscale="log",
         yscale="log",
         xlabel="end-to-end latency of a request (s)",
         ylabel="tokens/s (generated ÷ latency)",
     )
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
+    log_format(ax)
+    key_right(ax)
     return ax
 
 
@@ -356,12 +363,13 @@ def sla(table, best, budget_ms: float, ax: plt.Axes | None = None) -> plt.Axes:
         ax.scatter(g.tpot_ms, g.tokens_per_s, s=12, label=name, **style("precision", name))
     ax.axvline(budget_ms, color="red", ls="--", label="budget")
     if best is not None:
-        label = f"best: {best.dtype}, TP {best.tp} × {best.replicas}, batch {best.batch}"
+        label = f"best: {best['dtype']}, TP {best.tp} × {best.replicas}, batch {best.batch}"
         ax.scatter(
             [best.tpot_ms], [best.tokens_per_s], s=150, marker="*", color="black", label=label
         )
     ax.set(xscale="log", yscale="log", xlabel="TPOT (ms)", ylabel="tokens/s on all GPUs")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
+    log_format(ax)
+    key_right(ax, fontsize=7)
     return ax
 
 
@@ -371,42 +379,37 @@ def sla(table, best, budget_ms: float, ax: plt.Axes | None = None) -> plt.Axes:
 def outliers(ratios, channel_max, layer: int) -> plt.Figure:
     """Three panels: max |w| / std per layer and matrix; int8 error of the same matrices with one
     scale per tensor (solid) and per output channel (dotted), in each matrix's colour; the
-    largest activation of each channel into `layer` (`quant.outlier_ratios` rows)."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for (name, g), color in zip(ratios.groupby("matrix"), sns.color_palette(), strict=False):
-        axes[0].plot(g.layer, g["max / std"], marker="o", ms=3, color=color, label=name)
+    largest activation of each channel into `layer` (`quant.outlier_ratios` rows). One key, for
+    both panels, below them."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
+    key = []
+    for i, (name, g) in enumerate(ratios.groupby("matrix")):
+        color = _CB[i % len(_CB)]
+        axes[0].plot(g.layer, g["max / std"], marker="o", ms=3, color=color)
         for granularity, ls in (("tensor", "-"), ("channel", ":")):
-            axes[1].plot(
-                g.layer,
-                g[f"int8 error, per {granularity}"],
-                ls=ls,
-                color=color,
-                label=f"{name}, per {granularity}",
-            )
+            axes[1].plot(g.layer, g[f"int8 error, per {granularity}"], ls=ls, color=color)
+        key.append(Line2D([], [], color=color, marker="o", ms=3, label=name))
+    key += [
+        Line2D([], [], color="black", ls="-", label="int8 error, one scale per tensor"),
+        Line2D([], [], color="black", ls=":", label="int8 error, one scale per channel"),
+    ]
     axes[0].set(xlabel="layer", ylabel="max |w| / std(w)", title="weights: largest vs typical")
-    axes[1].set(
-        xlabel="layer",
-        ylabel="‖ŵ − w‖ / ‖w‖",
-        yscale="log",
-        title="int8 absmax: one scale per tensor vs per channel",
-    )
-    axes[2].plot(np.asarray(channel_max), lw=0.7)
-    axes[2].set(
-        xlabel="channel",
-        ylabel="max |activation|",
-        yscale="log",
-        title=f"activations into layer {layer} down_proj",
-    )
-    for ax in axes[:2]:
-        ax.legend(fontsize=7)
+    axes[1].set(xlabel="layer", ylabel="‖ŵ − w‖ / ‖w‖", yscale="log")
+    axes[1].set_title("int8 absmax: per tensor vs per channel")
+    axes[2].plot(np.asarray(channel_max), lw=0.7, color="0.3")
+    axes[2].set(xlabel="channel", ylabel="max |activation|", yscale="log")
+    axes[2].set_title(f"activations into layer {layer} down_proj")
+    for ax in axes[1:]:
+        log_format(ax, "y")
+    fig.legend(handles=key, loc="outside lower center", ncols=len(key), fontsize=8, frameon=False)
     return fig
 
 
 def quant_speed(speed, floors, compiled=None, reference: str = "fp32") -> plt.Figure:
-    """Time per decode step against the batch, one panel per backend in its precision's colour
-    (`style("precision", backend)`): measured (median, IQR) solid; the floor max(bytes ÷
+    """Time per decode step against the batch, one panel per backend in its colour and marker
+    (`style("backend", backend)`): measured (median, IQR) solid; the floor max(bytes ÷
     bandwidth, FLOPs ÷ peak) dashed and floor + the eager loop's overhead dotted, each labelled
-    at its right end; `reference`'s measurement in grey in every other panel; `compiled` rows
+    where it is flat; `reference`'s measurement in grey in every other panel; `compiled` rows
     (backend, batch, tpot_s and quartiles) as hollow squares. The key sits below the panels.
 
     `speed`: one row per backend × batch with ms, q1_ms, q3_ms (`quant_backends.measure_backends`);
@@ -415,29 +418,11 @@ def quant_speed(speed, floors, compiled=None, reference: str = "fp32") -> plt.Fi
     names = list(dict.fromkeys(speed.backend))
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharex=True, sharey=True, squeeze=False
-    )
-    reference_ms = speed[speed.backend == reference]
+    size = (3.4 * cols, 2.9 * rows + 0.6)
+    fig, axes = plt.subplots(rows, cols, figsize=size, sharex=True, sharey=True, squeeze=False,
+                             layout="constrained")  # fmt: skip
     for ax, name in zip(axes.flat, names, strict=False):
-        color = style("precision", name)["color"]
-        if name != reference:
-            ax.plot(reference_ms.batch, reference_ms.ms, color="grey", alpha=0.6, lw=1)
-        g = speed[speed.backend == name]
-        spread = [g.ms - g.q1_ms, g.q3_ms - g.ms]
-        ax.errorbar(g.batch, g.ms, yerr=spread, marker="o", ms=4, capsize=2, color=color)
-        f = floors[floors.backend == name]
-        ax.plot(f.batch, f.floor_ms, ls="--", color=color)
-        ax.plot(f.batch, f.with_overhead_ms, ls=":", color=color)
-        _label_line_ends(ax, f, color)
-        if compiled is not None and name in set(compiled.backend):
-            c = compiled[compiled.backend == name]
-            spread = [(c.tpot_s - c.tpot_q1_s) * 1e3, (c.tpot_q3_s - c.tpot_s) * 1e3]
-            ax.errorbar(
-                c.batch, c.tpot_s * 1e3, yerr=spread, fmt="s", mfc="white", color=color, capsize=2
-            )
-        ax.set_title(name, fontsize=8, color=color)
-        ax.set(xscale="log", yscale="log")
+        _speed_panel(ax, name, speed, floors, compiled, reference)
     for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
@@ -451,65 +436,55 @@ def quant_speed(speed, floors, compiled=None, reference: str = "fp32") -> plt.Fi
         Line2D([], [], color="grey", alpha=0.6, label=f"{reference}, measured"),
         Line2D([], [], color="black", marker="s", mfc="white", ls="", label="compiled"),
     ]
-    fig.tight_layout()
-    # the key below the figure's panels and their labels (savefig's tight bounding box keeps it)
-    fig.legend(
-        handles=key, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8, frameon=False
-    )
+    fig.legend(handles=key, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return fig
 
 
-def _label_line_ends(ax: plt.Axes, floors, color) -> None:
-    """'floor' and '+ overhead' written beside the right end of a panel's two floor lines, the
-    lower one below its line and the upper one above, so the two never overprint."""
-    last = floors.iloc[-1]
-    for value, text, dy in (
-        (last.floor_ms, "floor", -9),
-        (last.with_overhead_ms, "+ overhead", 3),
+def _speed_panel(ax: plt.Axes, name: str, speed, floors, compiled, reference: str) -> None:
+    look = _backend_or_precision(name)
+    if name != reference:
+        ref = speed[speed.backend == reference]
+        ax.plot(ref.batch, ref.ms, color="grey", alpha=0.6, lw=1)
+    g = speed[speed.backend == name]
+    ax.errorbar(g.batch, g.ms, yerr=[g.ms - g.q1_ms, g.q3_ms - g.ms], ms=4, capsize=2, **look)
+    f = floors[floors.backend == name]
+    ax.plot(f.batch, f.floor_ms, ls="--", color=look["color"])
+    ax.plot(f.batch, f.with_overhead_ms, ls=":", color=look["color"])
+    _label_floors(ax, f, look["color"])
+    if compiled is not None and name in set(compiled.backend):
+        c = compiled[compiled.backend == name]
+        spread = [(c.tpot_s - c.tpot_q1_s) * 1e3, (c.tpot_q3_s - c.tpot_s) * 1e3]
+        ax.errorbar(c.batch, c.tpot_s * 1e3, yerr=spread, fmt="s", mfc="white",
+                    color=look["color"], capsize=2)  # fmt: skip
+    ax.set_title(name, fontsize=8, color=look["color"])
+    ax.set(xscale="log", yscale="log")
+    log2_ticks(ax, speed.batch)
+    log_format(ax, "y")
+
+
+def _backend_or_precision(name: str) -> dict:
+    try:
+        return style("backend", name)
+    except KeyError:
+        return style("precision", name)
+
+
+def _label_floors(ax: plt.Axes, floors, color) -> None:
+    """'floor' under its dashed line and '+ overhead' over its dotted one, at the smallest batch
+    where both lines are still flat (the bend at the ridge comes later), so they never overprint
+    each other or a rising line."""
+    first = floors.iloc[0]
+    for value, text, dy, va in (
+        (first.floor_ms, "floor", -2, "top"),
+        (first.with_overhead_ms, "+ overhead", 2, "bottom"),
     ):
         ax.annotate(
             text,
-            (last.batch, value),
-            xytext=(-2, dy),
+            (first.batch, value),
+            xytext=(2, dy),
             textcoords="offset points",
-            ha="right",
+            ha="left",
+            va=va,
             fontsize=7,
             color=color,
         )
-
-
-# --- Notebook 02's figures ------------------------------------------------------------------
-
-
-def log2_ticks(ax: plt.Axes, ticks, axis: str = "x") -> None:
-    """Only `ticks` on a log axis, written in full ("1,024"), with no minor labels to collide."""
-    axis_ = ax.xaxis if axis == "x" else ax.yaxis
-    axis_.set_ticks(list(ticks), [f"{t:,}" for t in ticks])
-    axis_.set_minor_locator(plt.NullLocator())
-
-
-def kv_cache_growth(curves, weights_gib: float, title: str) -> plt.Figure:
-    """KV-cache GiB against context, one colour per batch, GQA solid and MHA dashed, with the
-    weights as a black line; `curves` has one column per "GQA, batch b" / "MHA, batch b" and the
-    contexts as its index. The key sits to the right of the axes, off the lines."""
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    batches = list(dict.fromkeys(c.rsplit(" ", 1)[-1] for c in curves.columns))
-    for column in curves.columns:
-        kind, batch = column.split(", batch ")
-        color = _CB[batches.index(batch) % len(_CB)]
-        ax.plot(
-            curves.index,
-            curves[column],
-            marker="o",
-            ms=3,
-            color=color,
-            ls="-" if kind == "GQA" else "--",
-            label=column,
-        )
-    ax.axhline(weights_gib, color="black", lw=1, label="weights")
-    ax.set(xscale="log", yscale="log", xlabel=curves.index.name, ylabel="GiB")
-    log2_ticks(ax, curves.index)
-    ax.tick_params(axis="x", labelsize=8)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return fig

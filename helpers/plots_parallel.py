@@ -1,12 +1,14 @@
-"""Notebook 03's figures: tensor parallelism's compute against its communication, and the
-planner's TPOT and throughput against the TP degree, in the course's one style (`helpers.plots`)."""
+"""The tensor-parallel figures of notebooks 03 and 04: the all-reduce against its α–β fit, TP's
+compute against its communication, the planner's TPOT and throughput against the TP degree, and
+a TP step's parts, in the course's one style (`helpers.plots`: the all-reduce in one colour in
+every one of them)."""
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from helpers.plots import log2_ticks, style
+from helpers.plots import key_right, log2_ticks, log_format, style
 
 
 def tp_compute_vs_comm(layers, predicted_ms, world: int, backend: str) -> plt.Figure:
@@ -50,6 +52,7 @@ def tp_compute_vs_comm(layers, predicted_ms, world: int, backend: str) -> plt.Fi
         )
         ax.set_xticks(x, [f"batch {b}" for b in batches])
         ax.set(yscale="log", ylabel="ms per MLP forward (median, IQR)", title=f"hidden {hidden}")
+        log_format(ax, "y")
     handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=5, fontsize=8, frameon=False)
     fig.suptitle(f"Megatron MLP, TP 1 vs {world} ({backend}): predicted and measured")
@@ -78,4 +81,48 @@ def tp_planner(scaling, tps) -> plt.Figure:
     fig.legend(
         handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False
     )
+    return fig
+
+
+def allreduce_alpha_beta(ar, alpha: float, beta: float, title: str) -> plt.Axes:
+    """All-reduce time against message size (`ar` rows: bytes, seconds, q1_s, q3_s), measured in
+    the all-reduce's colour and marker, beside the α–β fit α + β · bytes, drawn over a dense
+    log-spaced grid so it is the straight-then-bending curve it is on log axes."""
+    ax = plt.subplots()[1]
+    look, ms = style("collective", "all-reduce"), ar["seconds"] * 1e3
+    spread = [ms - ar["q1_s"] * 1e3, ar["q3_s"] * 1e3 - ms]
+    ax.errorbar(ar["bytes"], ms, yerr=spread, fmt=look["marker"], capsize=3,
+                color=look["color"], label="measured (median, IQR)")  # fmt: skip
+    grid = np.logspace(np.log10(ar["bytes"].min()), np.log10(ar["bytes"].max()), 100)
+    fit_label = f"α–β fit: α = {alpha * 1e6:.0f} µs, 1/β = {1 / beta / 1e9:.2f} GB/s"
+    ax.plot(grid, (alpha + beta * grid) * 1e3, "-", color="black", lw=1, label=fit_label)
+    ax.set(xscale="log", yscale="log", xlabel="message", ylabel="ms", title=title)
+    log_format(ax, "x", unit="B")
+    log_format(ax, "y")
+    key_right(ax)
+    return ax
+
+
+TP_PARTS = {  # a decode step's parts in the planner, in the colour of what limits each
+    "weights and KV": style("limit", "memory"),
+    "overhead": style("limit", "overhead"),
+    "all-reduces": style("collective", "all-reduce"),  # as `tp_compute_vs_comm` draws it
+}
+
+
+def tp_overhead(tp_parts, title: str) -> plt.Figure:
+    """One panel per engine: ms per token at batch 1 against the TP degree, stacked by part
+    (`tp_parts`: indexed by engine and tp, one column per key of `TP_PARTS`), the key below."""
+    engines = list(dict.fromkeys(tp_parts.index.get_level_values("engine")))
+    fig, axes = plt.subplots(1, len(engines), figsize=(10, 3.8), layout="constrained")
+    for ax, engine in zip(np.atleast_1d(axes), engines, strict=True):
+        g = tp_parts.xs(engine, level="engine")
+        colours = [TP_PARTS[c]["color"] for c in g.columns]
+        g.plot.bar(stacked=True, ax=ax, rot=0, legend=False, color=colours)
+        ax.set(title=f"{engine} engine", xlabel="TP degree", ylabel="ms per token (batch 1)")
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False
+    )
+    fig.suptitle(title)
     return fig

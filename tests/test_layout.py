@@ -60,6 +60,7 @@ LAYERS = {
     "probes": {"overhead", "roofline", "profile"},
     "lab": {
         "plots",
+        "plots_machine",
         "plots_parallel",
         "widgets",
         "exercises",

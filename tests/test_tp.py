@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import launch, plots, plots_parallel, shapes, tp, tp_workers
+from helpers import launch, plots, plots_machine, plots_parallel, shapes, tp, tp_workers
 
 torch.manual_seed(0)
 
@@ -373,7 +373,7 @@ def test_kv_cache_growth_labels_only_the_contexts():
         },
         index=pd.Index(contexts, name="context (tokens)"),
     )
-    fig = plots.kv_cache_growth(curves, 0.5, "title")
+    fig = plots_machine.kv_cache_growth(curves, 0.5, "title")
     ax = fig.axes[0]
     fig.canvas.draw()
     shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
