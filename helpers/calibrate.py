@@ -19,12 +19,15 @@ integers are stored:
 through the decoder layers in order, quantizes each layer from the inputs it receives (already
 through the quantized layers before it, as GPTQ's reference code does), and replaces the
 weights by their dequantized values in place (fake quantization: same values as the packed
-format computes with).
+format computes with). `quantized_nll` does the same and scores a text as it goes, each layer
+released once the text has passed through it (one quantized layer in memory at a time);
+`token_nll(..., release=True)` and `decoder_distinct` read a model the same way.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -253,10 +256,9 @@ def quantize_layer(layer, inputs: dict, method: str, bits: int, group_size: int,
         _unstack(layer, names, w)
 
 
-@torch.no_grad()
-def quantize_model(model, calibration_ids, method="gptq", bits=4, group_size=64, **options):
-    """Quantize every decoder linear of a Llama `model` in place (the tied output layer stays as
-    loaded), calibrated on `calibration_ids` (batch, length); 'rtn' ignores them."""
+def _layers_quantized(model, calibration_ids, method, bits, group_size, **options):
+    """Each decoder layer of a Llama `model`, yielded right after it is quantized in place from
+    the calibration inputs it receives through the layers quantized before it."""
     method = checks.choice("method", method, METHODS)
     bits = check_bits(bits)
     check_group(group_size, model.config.hidden_size)
@@ -269,30 +271,104 @@ def quantize_model(model, calibration_ids, method="gptq", bits=4, group_size=64,
     ids = calibration_ids.reshape(-1, calibration_ids.shape[-1])
     body = model.model
     hidden = body.embed_tokens(ids)
-    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    position_embeddings = body.rotary_emb(hidden, positions)
+    position_embeddings = _position_embeddings(body, hidden)
     for layer in body.layers:
         inputs, _ = capture_layer_inputs(layer, hidden, position_embeddings)
         quantize_layer(layer, inputs, method, bits, group_size, **options)
         del inputs
         hidden = layer(hidden, position_embeddings=position_embeddings)  # through the quantized one
+        yield layer
+
+
+def _position_embeddings(body, hidden: torch.Tensor):
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    return body.rotary_emb(hidden, positions)
+
+
+@torch.no_grad()
+def quantize_model(model, calibration_ids, method="gptq", bits=4, group_size=64, **options):
+    """Quantize every decoder linear of a Llama `model` in place (the tied output layer stays as
+    loaded), calibrated on `calibration_ids` (batch, length); 'rtn' ignores them."""
+    for _ in _layers_quantized(model, calibration_ids, method, bits, group_size, **options):
+        pass
     return model
 
 
-@torch.inference_mode()
-def token_nll(model, ids: torch.Tensor, window: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(negative log-likelihood of each next token, the top-1 prediction at each position) of
-    one text `ids` (n,), in non-overlapping windows as `quant.perplexity` scores it: the mean's
-    exponential is that perplexity, and paired per-token differences give a spread."""
+def _windows(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """One text `ids` (n,) cut as `quant.perplexity` scores it: non-overlapping windows of
+    `window` inputs, each with the token after its last (the last window may be shorter)."""
     ids = ids.reshape(-1)
     window = checks.whole("window", window)
-    nll, top1 = [], []
-    for start in range(0, ids.numel() - 1, window):
-        chunk = ids[start : start + window + 1].unsqueeze(0)
-        logits = model(input_ids=chunk[:, :-1]).logits[0].float()
-        nll.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none"))
-        top1.append(logits.argmax(-1))
-    return torch.cat(nll), torch.cat(top1)
+    return [ids[start : start + window + 1] for start in range(0, ids.numel() - 1, window)]
+
+
+def _layerwise_nll(model, ids, window, layers, release) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll, top-1) of each next token of `ids`, its windows carried through `layers` (the
+    decoder's, in order) one layer at a time, each layer's weights released after it when
+    `release`; then the final norm and the output layer (`quant.head_nll`)."""
+    body = model.get_decoder()
+    windows = _windows(ids, window)
+    hidden = [body.embed_tokens(chunk[None, :-1]) for chunk in windows]  # (1, positions, hidden)
+    position_embeddings = [_position_embeddings(body, h) for h in hidden]
+    for layer in layers:
+        hidden = [
+            layer(h, position_embeddings=pe)
+            for h, pe in zip(hidden, position_embeddings, strict=True)
+        ]
+        if release:
+            _release(layer)
+    scored = [
+        quant.head_nll(model, body.norm(h)[0], c[1:]) for h, c in zip(hidden, windows, strict=True)
+    ]
+    return torch.cat([n for n, _ in scored]), torch.cat([t for _, t in scored])
+
+
+@torch.inference_mode()
+def token_nll(
+    model, ids: torch.Tensor, window: int = 256, release: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(negative log-likelihood of each next token, the top-1 prediction at each position) of
+    one text `ids` (n,), in non-overlapping windows as `quant.perplexity` scores it: the mean's
+    exponential is that perplexity, and paired per-token differences give a spread. The windows
+    go through a Llama's decoder layers one layer at a time; `release=True` frees each layer's
+    weights once they have (the model is used up), so a memory-mapped checkpoint is never
+    resident whole."""
+    return _layerwise_nll(model, ids, window, model.get_decoder().layers, release)
+
+
+@torch.no_grad()
+def quantized_nll(
+    model, calibration_ids, ids, method="gptq", bits=4, group_size=64, window=256, **options
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_nll(quantize_model(model, calibration_ids, method, bits, group_size), ids)`, one
+    decoder layer at a time: the text's windows go through each layer right after it is
+    quantized, and the layer's weights are then released, so one quantized layer is in memory at
+    a time instead of a whole quantized copy. The model is used up: its decoder layers are left
+    empty (load a fresh one for the next quantization)."""
+    layers = _layers_quantized(model, calibration_ids, method, bits, group_size, **options)
+    return _layerwise_nll(model, ids, window, layers, release=True)
+
+
+_MADV_DONTNEED = 4  # Linux: drop these pages now; a later read sees the file (or zeros) again
+_PAGE = 4096
+
+
+def _release(module: torch.nn.Module) -> None:
+    """Empty `module`'s parameters and hand their pages back to the OS at once. A checkpoint
+    loaded memory-mapped keeps every page that was read — or copied when quantized in place —
+    resident until the whole file is unmapped, with the last of the model's tensors; freeing a
+    layer's tensors alone would return nothing. `madvise(MADV_DONTNEED)` on the whole pages
+    inside each tensor returns them now (only pages no other tensor shares; CPU tensors)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+    for p in module.parameters():
+        if libc and p.device.type == "cpu" and p.numel() and p.is_contiguous():
+            start = -(-p.data_ptr() // _PAGE) * _PAGE  # whole pages only: neighbours untouched
+            end = (p.data_ptr() + p.numel() * p.element_size()) // _PAGE * _PAGE
+            if end > start:
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
 def paired_difference(nll_a: torch.Tensor, nll_b: torch.Tensor) -> tuple[float, float, float]:
@@ -316,6 +392,19 @@ def distinct_per_group(w: torch.Tensor, group_size: int = 32) -> torch.Tensor:
     check_group(group_size, w.shape[1])
     ordered = w.detach().reshape(-1, group_size).sort(-1).values
     return 1 + (ordered.diff(dim=-1) != 0).sum(-1)
+
+
+def decoder_distinct(model, group_size: int = 32) -> torch.Tensor:
+    """`distinct_per_group` of every decoder linear of `model` (the output layer left out), one
+    count per group, each linear's weights released once counted: a memory-mapped checkpoint is
+    never resident whole, and the model is used up."""
+    counts = []
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            counts.append(distinct_per_group(module.weight, group_size))
+            _release(module)
+    return torch.cat(counts)
 
 
 def planted_layer(seed: int, rows=128, cols=512, tokens=4096) -> tuple[torch.Tensor, torch.Tensor]:

@@ -202,6 +202,37 @@ def capture_input(model, module: torch.nn.Module, input_ids: torch.Tensor) -> to
 # --- Quality --------------------------------------------------------------------------------
 
 
+# Positions whose logits are computed at once: (64, vocabulary) in fp32 is 12 MiB for SmolLM2,
+# where a window of 256 would hold 48 MiB of logits and as much again for their softmax.
+HEAD_CHUNK = 64
+
+
+def head_nll(model, hidden: torch.Tensor, targets: torch.Tensor):
+    """(negative log-likelihood of each target, the top-1 prediction) at each position, from the
+    decoder's final hidden states (positions, hidden) through the output layer, `HEAD_CHUNK`
+    positions at a time: never every position's logits at once."""
+    head = model.get_output_embeddings()
+    nll, top1 = [], []
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = head(hidden[start : start + HEAD_CHUNK]).float()
+        nll.append(F.cross_entropy(logits, targets[start : start + HEAD_CHUNK], reduction="none"))
+        top1.append(logits.argmax(-1))
+    return torch.cat(nll), torch.cat(top1)
+
+
+def _window_nll(model, chunk: torch.Tensor) -> torch.Tensor:
+    """The nll of each next token of one window of ids (1, n + 1). A plain output layer is fed
+    `HEAD_CHUNK` positions at a time; any other (torch.ao's dynamic layer quantizes its whole
+    input with one scale, so chunks would change its output), or a model without one, gets the
+    window whole."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if type(head) is torch.nn.Linear and hasattr(model, "get_decoder"):
+        hidden = model.get_decoder()(input_ids=chunk[:, :-1]).last_hidden_state[0]
+        return head_nll(model, hidden, chunk[0, 1:])[0]
+    logits = model(input_ids=chunk[:, :-1]).logits.float()
+    return F.cross_entropy(logits[0], chunk[0, 1:], reduction="none")
+
+
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, window: int = 256) -> float:
     """exp(mean negative log-likelihood of each next token), over non-overlapping windows.
@@ -223,8 +254,7 @@ def perplexity(model, ids: torch.Tensor, window: int = 256) -> float:
         chunk = ids[start : start + window + 1].unsqueeze(0)
         if chunk.shape[1] < 2:
             break
-        logits = model(input_ids=chunk[:, :-1]).logits.float()
-        total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+        total += _window_nll(model, chunk).sum().item()
         count += chunk.shape[1] - 1
     if not math.isfinite(total):
         raise ValueError(
@@ -243,8 +273,10 @@ def agreement_and_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> tu
         )
     check_finite("reference_logits", reference_logits)
     check_finite("logits", logits, "the quantized model produced NaN/inf")
-    ref = F.log_softmax(reference_logits.float(), -1)
-    other = F.log_softmax(logits.float(), -1)
-    agree = (ref.argmax(-1) == other.argmax(-1)).float().mean().item()
-    kl = F.kl_div(other, ref, log_target=True, reduction="none").sum(-1).mean().item()
-    return agree, kl
+    same, kl = [], []
+    for start in range(0, logits.shape[0], HEAD_CHUNK):  # a few positions' softmaxes at a time
+        ref = F.log_softmax(reference_logits[start : start + HEAD_CHUNK].float(), -1)
+        other = F.log_softmax(logits[start : start + HEAD_CHUNK].float(), -1)
+        same.append(ref.argmax(-1) == other.argmax(-1))
+        kl.append(F.kl_div(other, ref, log_target=True, reduction="none").sum(-1))
+    return torch.cat(same).float().mean().item(), torch.cat(kl).mean().item()

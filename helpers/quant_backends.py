@@ -188,8 +188,40 @@ def load_backend(name: str, load: Callable, device: torch.device):
     if reason:
         return None, f"unsupported here: {reason}"
     model = BACKENDS[name].apply(load).eval()
+    if BACKENDS[name].linears not in ("fp32", "bf16", "fp16"):
+        _own_copies(model)  # unmap the checkpoint the quantized weights were read from
     release_freed_memory()  # the full-precision weights quantization replaced
     return model, ""
+
+
+def _mapped_checkpoints() -> list[tuple[int, int]]:
+    """The address ranges where this process maps a safetensors file (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".safetensors"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _own_copies(model: torch.nn.Module) -> None:
+    """Give each plain tensor of `model` still read from a memory-mapped checkpoint (the
+    embeddings and norms a backend leaves as loaded) memory of its own. The file stays mapped
+    while any tensor views it, and with it every page that was read: the pages of the weights
+    quantization replaced (200 MiB of SmolLM2's bf16 file) would stay resident beside their
+    quantized copies."""
+    ranges = _mapped_checkpoints()
+    for t in [*model.parameters(), *model.buffers()]:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu":
+            continue  # a quantized tensor subclass, or memory no file maps
+        if any(start <= t.data_ptr() < end for start, end in ranges):
+            t.data = t.data.clone()
 
 
 def predicted_weight_bytes(shape: Shape, backend: str) -> dict[str, float]:

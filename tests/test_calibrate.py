@@ -249,3 +249,69 @@ def test_awq_matches_a_library_awq_on_the_stored_cross_check(awq_crosscheck, see
     assert max(ours, library.output_error) < 0.7 * rtn
     defaults = awq_crosscheck[("llm-compressor awq defaults", seed, bits, group)]
     assert ours == pytest.approx(defaults.output_error, rel=0.02)
+
+
+def full_forward_nll(model, ids, window):
+    """Each next token's nll from whole-model forwards over the same windows: the reference the
+    layer-by-layer scoring must reproduce."""
+    nll, top1 = [], []
+    with torch.no_grad():
+        for start in range(0, ids.numel() - 1, window):
+            chunk = ids[start : start + window + 1]
+            logits = model(input_ids=chunk[None, :-1]).logits[0]
+            nll.append(torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="none"))
+            top1.append(logits.argmax(-1))
+    return torch.cat(nll), torch.cat(top1)
+
+
+def test_token_nll_layer_by_layer_is_the_whole_forward(small_llama):
+    """Windows carried one layer at a time (and the output layer in chunks of positions, the
+    last window shorter) give the per-token nll and top-1 of whole-model forwards, and their
+    mean's exponential is quant.perplexity."""
+    ids = torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(3))
+    nll, top1 = calibrate.token_nll(small_llama, ids, window=100)
+    expected_nll, expected_top1 = full_forward_nll(small_llama, ids, 100)
+    torch.testing.assert_close(nll, expected_nll)
+    assert torch.equal(top1, expected_top1)
+    assert nll.mean().exp().item() == pytest.approx(quant.perplexity(small_llama, ids, 100))
+
+
+def test_token_nll_release_frees_the_layers_and_scores_alike(small_llama):
+    ids = torch.randint(0, 97, (65,), generator=torch.Generator().manual_seed(4))
+    model = copy.deepcopy(small_llama)
+    nll, top1 = calibrate.token_nll(model, ids, window=32, release=True)
+    expected_nll, expected_top1 = calibrate.token_nll(small_llama, ids, window=32)
+    torch.testing.assert_close(nll, expected_nll)
+    assert torch.equal(top1, expected_top1)
+    assert all(p.numel() == 0 for p in model.model.layers.parameters())
+    assert model.lm_head.weight.numel() == small_llama.lm_head.weight.numel()  # the head stays
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_quantized_nll_is_scoring_the_quantized_model(small_llama, method):
+    """Quantizing and scoring one layer at a time gives what quantizing the whole model, then
+    scoring it, gives: the same weights, the same per-token nll and top-1."""
+    calibration = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 97, (90,), generator=torch.Generator().manual_seed(6))
+    whole = calibrate.quantize_model(copy.deepcopy(small_llama), calibration, method, 3, 32)
+    expected_nll, expected_top1 = full_forward_nll(whole, ids, 40)
+    model = copy.deepcopy(small_llama)
+    nll, top1 = calibrate.quantized_nll(model, calibration, ids, method, 3, 32, window=40)
+    torch.testing.assert_close(nll, expected_nll)
+    assert torch.equal(top1, expected_top1)
+    assert all(p.numel() == 0 for p in model.model.layers.parameters())  # used up
+
+
+def test_decoder_distinct_counts_every_decoder_linear_and_releases_it(small_llama):
+    model = copy.deepcopy(small_llama)
+    expected = torch.cat(
+        [
+            calibrate.distinct_per_group(m.weight, 32)
+            for n, m in small_llama.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        ]
+    )
+    assert torch.equal(calibrate.decoder_distinct(model, 32), expected)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.numel() == 0 for m in linears)
+    assert model.lm_head.weight.numel() > 0

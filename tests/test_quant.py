@@ -1,6 +1,8 @@
 import math
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 from helpers import memory, models, quant, quant_backends, quant_linears, shapes
@@ -391,3 +393,41 @@ def test_captured_input_is_what_the_module_receives_and_stops_the_forward():
     assert heads == []  # the output layer never ran
     with pytest.raises(ValueError, match="never ran"):
         quant.capture_input(model, torch.nn.Linear(4, 4), ids)
+
+
+def test_head_nll_in_chunks_is_the_whole_logits():
+    """The output layer fed HEAD_CHUNK positions at a time (the last chunk shorter) gives each
+    position's nll and top-1 as the whole logits do."""
+    model = models.llama_from_config(**TINY).eval()
+    vocab, width = model.lm_head.weight.shape
+    positions = 2 * quant.HEAD_CHUNK + 7
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(positions, width, generator=gen)
+    targets = torch.randint(0, vocab, (positions,), generator=gen)
+    with torch.no_grad():
+        nll, top1 = quant.head_nll(model, hidden, targets)
+        logits = model.lm_head(hidden)
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    torch.testing.assert_close(nll, expected)
+    assert torch.equal(top1, logits.argmax(-1))
+
+
+def test_quantized_backends_unmap_the_checkpoint(tmp_path):
+    """Tensors still viewing a memory-mapped safetensors file get memory of their own, so the
+    file (and every page of it that was read) can be unmapped."""
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"w": torch.randn(256, 256)}, path)
+    with safetensors.safe_open(path, framework="pt") as f:
+        module = torch.nn.Module()
+        module.w = torch.nn.Parameter(f.get_tensor("w"), requires_grad=False)
+    expected = module.w.detach().clone()
+
+    def mapped():
+        ranges = quant_backends._mapped_checkpoints()
+        return any(a <= module.w.data_ptr() < b for a, b in ranges)
+
+    if not mapped():
+        pytest.skip("safetensors did not memory-map the file here")
+    quant_backends._own_copies(module)
+    assert not mapped()
+    torch.testing.assert_close(module.w.detach(), expected)

@@ -226,11 +226,15 @@ def test_run_times_table_counts_the_server_apart(tmp_path):
         {"notebook": "06_b", "passed": False, "wall_s": 200.0, "peak_rss_bytes": 5.0 * gib,
          "kernel_peak_rss_bytes": 1.25 * gib, "server_peak_rss_bytes": 3.75 * gib,
          "load_avg_1m_before": 0.2},
+        {"notebook": "01_c", "passed": True, "wall_s": 90.0, "peak_rss_bytes": 1.25 * gib,
+         "kernel_peak_rss_bytes": 1.0 * gib, "server_peak_rss_bytes": 0.0,
+         "load_avg_1m_before": 0.1},  # no server: the split's slower sampler missed a spike
     ]  # fmt: skip
     path = tmp_path / "run_times.csv"
     run_notebooks.write_run_times(rows, path)
     table = pd.read_csv(path).set_index("notebook")
     assert table.loc["00_a", ["kernel_peak_gib", "server_peak_gib"]].tolist() == [1.5, 0.0]
     assert table.loc["06_b", ["kernel_peak_gib", "server_peak_gib"]].tolist() == [1.25, 3.75]
+    assert table.loc["01_c", ["kernel_peak_gib", "server_peak_gib"]].tolist() == [1.25, 0.0]
     assert table.loc["06_b", "passed"] == False  # noqa: E712 (a stored failure stays one)
     assert table.machine.notna().all() and table.date.notna().all()
