@@ -242,6 +242,7 @@ def _roofs(ax: plt.Axes, ceilings: Ceilings, bandwidth: float, attainable: Calla
 
 
 def _roof_points(ax: plt.Axes, points: list[dict], formats: list[str]) -> None:
+    formats = [f for f in formats if any(p.get("dtype") == f for p in points)]  # drawn ones
     for p in points:
         dtype, engine = p.get("dtype"), p.get("engine")
         look = style("engine", engine) if engine else style("precision", dtype) if dtype else {}

@@ -110,6 +110,22 @@ def _roofline_decode():
     return plots.roofline(CEILINGS, points).figure, {}
 
 
+def _roofline_batches():
+    """Notebook 04's decode steps: one format, a star per batch, each labelled (B=1 … B=32)."""
+    points = [
+        {
+            "intensity": b / 2,
+            "flops": b / 2 * 2e10,
+            "dtype": "fp32",
+            "label": f"B={b}",
+            "marker": "*",
+            "xytext": (8, -10),  # as notebook 04 places them
+        }
+        for b in (1, 2, 4, 8, 16, 32)
+    ]
+    return plots.roofline(CEILINGS, points).figure, {}
+
+
 def _work_sweep():
     rows, ns = [1, 1, 1, 1, 256, 1024, 2048], [16, 64, 256, 4096, 1024, 1024, 2048]
     memory = np.array([4e-8, 6e-7, 1e-5, 2.5e-3, 1.5e-3, 6e-3, 5e-2])
@@ -425,6 +441,7 @@ FIGURES = {
     for f in [
         _roofline,
         _roofline_decode,
+        _roofline_batches,
         _three_limits,
         _read_staircase,
         _step_overhead,
@@ -593,3 +610,17 @@ def test_every_backend_has_a_style():
     assert set(BACKENDS) <= set(plots.STYLES["backend"])
     for name in BACKENDS:  # in its precision's colour
         assert same(plots.style("backend", name)["color"], plots.style("precision", name)["color"])
+
+
+def test_one_formats_labels_cover_none_of_its_points():
+    # one format's points are drawn filled at the base size: only overlapping formats need the
+    # hollow, larger markers, which ran a label into the next star (notebook 04, before)
+    plots.use_style()
+    fig, _ = _roofline_batches()
+    fig.canvas.draw()
+    ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+    points = _data_points(ax)
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        assert not [p for p in points if box.contains(*p)], text.get_text()
+    plt.close(fig)
