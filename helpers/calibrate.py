@@ -294,20 +294,12 @@ def quantize_model(model, calibration_ids, method="gptq", bits=4, group_size=64,
     return model
 
 
-def _windows(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
-    """One text `ids` (n,) cut as `quant.perplexity` scores it: non-overlapping windows of
-    `window` inputs, each with the token after its last (the last window may be shorter)."""
-    ids = ids.reshape(-1)
-    window = checks.whole("window", window)
-    return [ids[start : start + window + 1] for start in range(0, ids.numel() - 1, window)]
-
-
 def _layerwise_nll(model, ids, window, layers, release) -> tuple[torch.Tensor, torch.Tensor]:
     """(nll, top-1) of each next token of `ids`, its windows carried through `layers` (the
     decoder's, in order) one layer at a time, each layer's weights released after it when
     `release`; then the final norm and the output layer (`quant.head_nll`)."""
     body = model.get_decoder()
-    windows = _windows(ids, window)
+    windows = quant.windows(ids, window)
     hidden = [body.embed_tokens(chunk[None, :-1]) for chunk in windows]  # (1, positions, hidden)
     position_embeddings = [_position_embeddings(body, h) for h in hidden]
     for layer in layers:

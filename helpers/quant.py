@@ -233,6 +233,14 @@ def _window_nll(model, chunk: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[0], chunk[0, 1:], reduction="none")
 
 
+def windows(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """One text `ids` (n,) cut as `perplexity` scores it: non-overlapping windows of `window`
+    inputs, each with the token after its last (the last window may be shorter)."""
+    ids = ids.reshape(-1)
+    window = checks.whole("window", window)
+    return [ids[start : start + window + 1] for start in range(0, ids.numel() - 1, window)]
+
+
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, window: int = 256) -> float:
     """exp(mean negative log-likelihood of each next token), over non-overlapping windows.
@@ -248,14 +256,10 @@ def perplexity(model, ids: torch.Tensor, window: int = 256) -> float:
             f"ids must be one sequence of at least 2 tokens, shaped (n,) or (1, n); got shape "
             f"{tuple(ids.shape)}: score several texts one at a time"
         )
-    window = checks.whole("window", window)
     total, count = 0.0, 0
-    for start in range(0, ids.numel() - 1, window):
-        chunk = ids[start : start + window + 1].unsqueeze(0)
-        if chunk.shape[1] < 2:
-            break
-        total += _window_nll(model, chunk).sum().item()
-        count += chunk.shape[1] - 1
+    for chunk in windows(ids, window):
+        total += _window_nll(model, chunk[None]).sum().item()
+        count += chunk.numel() - 1
     if not math.isfinite(total):
         raise ValueError(
             "the model's logits hold NaN or inf, so perplexity is undefined: check the weights "
