@@ -281,7 +281,7 @@ def profile_bars(parts, ax: plt.Axes | None = None) -> plt.Axes:
             left += value
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds per decode step")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    key_right(ax)
     return ax
 
 
